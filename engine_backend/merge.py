@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import dtype_params, jit
+from .kernels import jit
+from .kernels.catalog import merge_spec
 
-_SOURCES = ("merge_state.cu", "merge_state_ops.cpp")
 
 
 def _ops(dtype: torch.dtype):
-    return jit.load(jit.KernelSpec.make("merge_state", _SOURCES, dtype_params(dtype)))
+    return jit.load(merge_spec(dtype))
 
 
 def _check(v: torch.Tensor, lse: torch.Tensor, name: str) -> None:
@@ -25,6 +25,14 @@ def _check(v: torch.Tensor, lse: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: lse must be float32, got {lse.dtype}")
     if v.shape[2] % 8 or v.stride(2) != 1:
         raise ValueError(f"{name}: head dim must be a multiple of 8 and contiguous, got {v.shape[2]}")
+    # The kernels move 8 elements (16 bytes) at a time, so every (n, h) row must start 16-byte aligned.
+    if v.data_ptr() % 16 or any(v.stride(i) % 8 for i in (0, 1) if v.shape[i] > 1):
+        raise ValueError(f"{name}: v must be 16-byte aligned with strides a multiple of 8, got strides {v.stride()}")
+
+
+def _check_out(out: torch.Tensor, shape, dtype: torch.dtype) -> None:
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise ValueError(f"out: expected {tuple(shape)} {dtype}, got {tuple(out.shape)} {out.dtype}")
 
 
 def merge_state(v_a, lse_a, v_b, lse_b, out=None, out_lse=None):
@@ -36,6 +44,7 @@ def merge_state(v_a, lse_a, v_b, lse_b, out=None, out_lse=None):
     out = torch.empty_like(v_a) if out is None else out
     out_lse = torch.empty_like(lse_a) if out_lse is None else out_lse
     _check(out, out_lse, "out")
+    _check_out(out, v_a.shape, v_a.dtype)
     _ops(v_a.dtype).merge_state(v_a, lse_a, v_b, lse_b, out, out_lse)
     return out, out_lse
 
@@ -54,5 +63,6 @@ def merge_states(v, lse, indptr, out=None, out_lse=None):
     out = torch.empty(n, *v.shape[1:], dtype=v.dtype, device=v.device) if out is None else out
     out_lse = torch.empty(n, v.shape[1], dtype=torch.float32, device=v.device) if out_lse is None else out_lse
     _check(out, out_lse, "out")
+    _check_out(out, (n, *v.shape[1:]), v.dtype)
     _ops(v.dtype).merge_states(v, lse, indptr, out, out_lse)
     return out, out_lse

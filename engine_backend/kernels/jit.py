@@ -44,14 +44,17 @@ class JitBuildError(RuntimeError):
 @dataclass(frozen=True)
 class KernelSpec:
     name: str  # kernel family, e.g. "merge_state"
-    sources: tuple[str, ...]  # template files under csrc/, rendered then compiled
+    sources: tuple[str, ...]  # template files under source_dir, rendered then compiled
     params: tuple[tuple[str, str], ...] = ()  # ${NAME} -> value substitutions
     cuda_flags: tuple[str, ...] = field(default=())
+    source_dir: Path = CSRC  # where the templates and their headers live (tests use their own)
 
     @staticmethod
-    def make(name: str, sources, params: dict[str, object] | None = None, cuda_flags=()) -> "KernelSpec":
+    def make(
+        name: str, sources, params: dict[str, object] | None = None, cuda_flags=(), source_dir: Path = CSRC
+    ) -> "KernelSpec":
         items = tuple(sorted((k, str(v)) for k, v in (params or {}).items()))
-        return KernelSpec(name, tuple(sources), items, tuple(cuda_flags))
+        return KernelSpec(name, tuple(sources), items, tuple(cuda_flags), Path(source_dir))
 
 
 # ------------------------------------------------------------------------ environment
@@ -100,7 +103,7 @@ def _render(spec: KernelSpec) -> dict[str, str]:
     params = dict(spec.params)
     rendered = {}
     for src in spec.sources:
-        text = (CSRC / src).read_text()
+        text = (spec.source_dir / src).read_text()
         try:
             rendered[src] = Template(text).substitute(params)
         except (KeyError, ValueError) as e:
@@ -128,8 +131,9 @@ def cache_key(spec: KernelSpec, arch: str) -> str:
     h = hashlib.sha256()
     for src, text in sorted(_render(spec).items()):
         h.update(f"{src}\0{text}\0".encode())
-    for header in sorted(CSRC.glob("*.cuh")) + sorted(CSRC.glob("*.h")):
-        h.update(f"{header.name}\0".encode() + header.read_bytes())
+    for folder in dict.fromkeys((CSRC, spec.source_dir)):
+        for header in sorted(folder.glob("*.cuh")) + sorted(folder.glob("*.h")):
+            h.update(f"{header.name}\0".encode() + header.read_bytes())
     fl = _flags(arch)
     meta = [KEY_VERSION, spec.name, repr(spec.params), repr(spec.cuda_flags), " ".join(fl["nvcc"] + fl["cxx"]),
             torch.__version__, str(torch.version.cuda), nvcc_version(), arch]
@@ -149,6 +153,8 @@ def _ninja_file(spec: KernelSpec, arch: str, ns: str) -> str:
     cxx = os.environ.get("CXX", "c++")
     cuda_lib = cuda_home() / "lib64"
     defines = f"-DEB_NAMESPACE={ns}"
+    if spec.source_dir != CSRC:  # the rendered copies live in the build folder: point at their headers
+        defines += f" -I{spec.source_dir}"
     lines = [
         "ninja_required_version = 1.3",
         f"cxxflags = {' '.join(fl['cxx'] + fl['inc'])} {defines}",

@@ -1,0 +1,140 @@
+"""Decode benchmark: ours vs FlashInfer's BatchDecodeWithPagedKVCacheWrapper (use_tensor_cores=True)
+on the same inputs, in one run, plus the device's copy bandwidth.
+
+    python benchmarks/bench_decode.py [--no-peer] [--out results.json]
+
+Shapes (issue #2): Hq=32, Hkv=8, D=128, page 16, bf16; uniform (B, L) batches, one skewed
+batch (one 32768-token request and 127 of 512), and plan() time at B=128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.ceilings import copy_bandwidth  # noqa: E402
+from benchmarks.timing import time_cuda  # noqa: E402
+from engine_backend import BSR, reference  # noqa: E402
+from engine_backend.decode import BatchDecode  # noqa: E402
+
+HQ, HKV, D, PAGE, DTYPE = 32, 8, 128, 16, torch.bfloat16
+SHAPES = [("1x32768", [32768]), ("16x1024", [1024] * 16), ("16x8192", [8192] * 16), ("64x2048", [2048] * 64),
+          ("128x1024", [1024] * 128), ("128x4096", [4096] * 128), ("256x2048", [2048] * 256),
+          ("skewed 1x32768+127x512", [32768] + [512] * 127)]
+
+
+def make_batch(lens):
+    pages = [-(-n // PAGE) for n in lens]
+    pool = sum(pages)
+    perm = torch.randperm(pool, device="cuda", dtype=torch.int64).to(torch.int32)
+    width = max(pages)
+    table = torch.zeros(len(lens), width, dtype=torch.int32, device="cuda")
+    at = 0
+    for r, n in enumerate(pages):
+        table[r, :n] = perm[at : at + n]
+        at += n
+    kv = torch.randn(2, pool, PAGE, HKV, D, dtype=DTYPE, device="cuda")
+    seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(len(lens), HQ, D, dtype=DTYPE, device="cuda")
+    return q, kv[0], kv[1], table, seq
+
+
+def kv_bytes(lens) -> int:
+    return sum(lens) * HKV * D * 2 * 2
+
+
+def bench_ours(q, k, v, table, seq):
+    dec = BatchDecode(HQ, HKV, D, PAGE, dtype=DTYPE, max_batch_size=max(256, q.shape[0]))
+    bsr = BSR.from_block_table(table, seq, PAGE)
+    dec.plan(bsr)
+    out = torch.empty_like(q)
+    t = time_cuda(lambda: dec.run(q, k, v, out=out))
+    return t, out, dec, bsr
+
+
+def bench_peer(q, k, v, table, seq):
+    from benchmarks import peers
+
+    return peers.flashinfer_decode(q, k, v, table, seq, PAGE)
+
+
+def plan_time(dec: BatchDecode, bsr: BSR, reps: int = 200) -> float:
+    """Host wall time of plan() (it only launches; the device work is timed separately)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dec.plan(bsr)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / reps * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    copy_bw = copy_bandwidth()  # bytes/s, read + write
+    rows = []
+    for name, lens in SHAPES:
+        q, k, v, table, seq = make_batch(lens)
+        t, out, dec, bsr = bench_ours(q, k, v, table, seq)
+        row = {"shape": name, "ours_us": t.median_ms * 1e3, "bytes": kv_bytes(lens)}
+        if len(lens) <= 16:  # spot-check the timed output against the reference
+            ref, _ = reference.attention(q, k, v, bsr)
+            row["ours_rel_err"] = float((out.float() - ref.float()).norm() / ref.float().norm())
+        if not args.no_peer:
+            try:
+                pt, pout = bench_peer(q, k, v, table, seq)
+                row["flashinfer_us"] = pt.median_ms * 1e3
+                row["agree_rel_err"] = float((out.float() - pout.float()).norm() / pout.float().norm())
+            except Exception as e:  # noqa: BLE001 - report and keep measuring ours
+                row["flashinfer_error"] = f"{type(e).__name__}: {e}"[:200]
+        rows.append(row)
+        del q, k, v, table, seq, out
+        torch.cuda.empty_cache()
+    q, k, v, table, seq = make_batch([1024] * 128)
+    _, _, dec, bsr = bench_ours(q, k, v, table, seq)
+    plan_us = plan_time(dec, bsr)
+    plan_gpu = time_cuda(lambda: dec.plan(bsr), flush=False).median_ms * 1e3
+    peer_plan_us = None
+    if not args.no_peer:
+        try:
+            from benchmarks import peers
+
+            peer_plan_us = peers.flashinfer_decode_plan_us(table, seq, PAGE, HQ, HKV, D)
+        except Exception as e:  # noqa: BLE001
+            peer_plan_us = f"error: {e}"[:120]
+    print_table(rows, copy_bw, plan_us, plan_gpu, peer_plan_us)
+    if args.out:
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_bw": copy_bw, "rows": rows,
+                                        "plan_host_us": plan_us, "plan_gpu_us": plan_gpu,
+                                        "flashinfer_plan_us": peer_plan_us}, indent=2))
+
+
+def print_table(rows, copy_bw, plan_us, plan_gpu, peer_plan_us) -> None:
+    print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s")
+    print("| shape | ours µs | ours TB/s | ours % copy | FlashInfer µs | FI % copy | ours / FI time | max rel err |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ours_bw = r["bytes"] / (r["ours_us"] * 1e-6)
+        fi = r.get("flashinfer_us")
+        fi_cols = (f"{fi:.1f} | {100 * r['bytes'] / (fi * 1e-6) / copy_bw:.0f} % | {r['ours_us'] / fi:.2f}"
+                   if fi else f"{r.get('flashinfer_error', 'n/a')} | | ")
+        err = max(r.get("ours_rel_err", 0.0), r.get("agree_rel_err", 0.0))
+        print(f"| {r['shape']} | {r['ours_us']:.1f} | {ours_bw / 1e12:.2f} | {100 * ours_bw / copy_bw:.0f} % | "
+              f"{fi_cols} | {err:.1e} |")
+    print(f"plan() at B=128: host {plan_us:.1f} µs per call (one kernel launch; device time {plan_gpu:.1f} µs); "
+          f"FlashInfer plan(): {peer_plan_us if isinstance(peer_plan_us, str) or peer_plan_us is None else f'{peer_plan_us:.1f} µs'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Checks of the KV cache tensors the kernels read in place.
+
+Kernels see K and V as ``[num_pages, page_size, num_kv_heads, head_dim]`` with any strides
+except a contiguous head dim, so every engine's layout is a view, never a copy:
+
+* vLLM ``[2, num_blocks, block_size, H, D]``: ``kv_cache[0]``, ``kv_cache[1]``;
+* FlashInfer-style ``[num_blocks, 2, block_size, H, D]``: ``kv_cache[:, 0]``, ``kv_cache[:, 1]``;
+* SGLang per-layer ``[num_slots, H, D]``: ``buf.unsqueeze(1)`` (page size 1) or
+  ``buf.view(-1, P, H, D)`` (page size P);
+* ragged new K/V ``[tokens, H, D]``: ``k.unsqueeze(1)`` with ``BSR.from_ragged``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_paged(name: str, cache: torch.Tensor, page_size: int, num_kv_heads: int, head_dim: int, dtype) -> None:
+    if cache.dim() != 4:
+        raise ValueError(f"{name} must be [num_pages, page_size, num_kv_heads, head_dim], got shape {tuple(cache.shape)}")
+    _, p, h, d = cache.shape
+    if (p, h, d) != (page_size, num_kv_heads, head_dim):
+        raise ValueError(
+            f"{name} has (page_size, kv heads, head dim) = {(p, h, d)}, expected {(page_size, num_kv_heads, head_dim)}"
+        )
+    if cache.dtype != dtype:
+        raise ValueError(f"{name} has dtype {cache.dtype}, expected {dtype}")
+    if not cache.is_cuda:
+        raise ValueError(f"{name} must be on a CUDA device")
+    if cache.stride(3) != 1 or cache.data_ptr() % 16 or any(s % 8 for s in cache.stride()[:3]):
+        raise ValueError(f"{name} must have a contiguous head dim and 16-byte aligned rows")
+
+
+def check_rows(name: str, t: torch.Tensor, rows: int, heads: int, head_dim: int, dtype) -> None:
+    """A packed [rows, heads, head_dim] query/output tensor."""
+    if t.dim() != 3 or t.shape[1:] != (heads, head_dim) or t.shape[0] < rows:
+        raise ValueError(f"{name} must be [>= {rows}, {heads}, {head_dim}], got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} has dtype {t.dtype}, expected {dtype}")
+    if not t.is_cuda or t.stride(2) != 1 or t.data_ptr() % 16 or t.stride(0) % 8 or t.stride(1) % 8:
+        raise ValueError(f"{name} must be a CUDA tensor with a contiguous, 16-byte aligned head dim")

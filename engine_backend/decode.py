@@ -1,0 +1,127 @@
+"""Batch decode attention over a paged BSR KV cache (one query token per request).
+
+Usage (the plan/run split)::
+
+    dec = BatchDecode(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16)
+    dec.plan(BSR.from_block_table(block_table, seq_lens, 16))   # once per step
+    out = dec.run(q, k_cache, v_cache)                          # once per layer
+
+``plan`` launches a one-CTA planning kernel that reads the lengths on the device and writes
+the work split into buffers this object owns (see ``kernels/csrc/decode.h`` for the cost
+model): it never waits for the device, costs one launch, and can run ahead of a CUDA-graph
+replay. ``run`` launches the attention kernel on a fixed grid and reads only those buffers,
+the BSR ``indices`` and the tensors passed to it, so one captured graph serves every batch up
+to ``max_batch_size`` (the row count is read from the plan on the device).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .cache import check_paged, check_rows
+from .format import BSR
+from .kernels import dtype_params, jit
+from .support import check_supported
+from .variants import DEFAULT, Variant
+
+HEAD_TILE = 16  # query heads of one KV head computed together (the MMA's rows)
+REQUEST_OVERHEAD = 32  # cost of a request beyond its KV tokens, in tokens (see decode.h)
+
+
+def _cuda_device(device) -> torch.device:
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda":
+        raise ValueError(f"kernels run on CUDA devices, got {device}")
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def kernel_spec(dtype: torch.dtype, head_dim: int, variant: Variant) -> jit.KernelSpec:
+    params = dict(dtype_params(dtype), HEAD_DIM=head_dim, **variant.template_args())
+    return jit.KernelSpec.make("decode", ("decode.cu", "decode_ops.cpp"), params)
+
+
+class BatchDecode:
+    def __init__(
+        self,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        kv_dtype: torch.dtype | None = None,
+        max_batch_size: int = 256,
+        variant: Variant = DEFAULT,
+        sm_scale: float | None = None,
+        device: torch.device | str | None = None,
+    ):
+        check_supported(
+            num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
+            kv_dtype=kv_dtype, page_size=page_size, variant=variant,
+        )
+        self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
+        self.page_size, self.dtype, self.variant = page_size, dtype, variant
+        self.max_batch_size = max_batch_size
+        self.sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+        self.device = _cuda_device(device)
+        self._ops = jit.load(kernel_spec(dtype, head_dim, variant))
+        self.head_tiles = -(-(num_qo_heads // num_kv_heads) // HEAD_TILE)
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        with torch.cuda.device(self.device):
+            per_sm = max(1, int(self._ops.max_ctas_per_sm()))
+        self.ctas = max(1, round(sms * per_sm / (num_kv_heads * self.head_tiles)))
+        self._alloc_buffers()
+        self._indices: torch.Tensor | None = None
+        self._rows = 0
+
+    def _alloc_buffers(self) -> None:
+        rows, ctas, tiles = self.max_batch_size, self.ctas, self.num_kv_heads * self.head_tiles
+        plan_ints = 4 + (rows + 1) + 5 * rows + ctas + rows * tiles
+        self._plan = torch.zeros(plan_ints, dtype=torch.int32, device=self.device)
+        slots = rows + ctas  # every CTA boundary adds at most one piece
+        self._work_o = torch.empty(slots, self.num_qo_heads, self.head_dim, dtype=torch.float32, device=self.device)
+        self._work_lse = torch.empty(slots, self.num_qo_heads, dtype=torch.float32, device=self.device)
+
+    def plan(self, kv: BSR) -> None:
+        """Split the work of this batch; rows of ``kv`` are the decode requests."""
+        if kv.num_rows > self.max_batch_size:
+            raise ValueError(f"batch of {kv.num_rows} requests exceeds max_batch_size={self.max_batch_size}")
+        if kv.page_size != self.page_size:
+            raise ValueError(f"BSR page size {kv.page_size} differs from this wrapper's {self.page_size}")
+        if kv.device != self.device:
+            raise ValueError(f"BSR is on {kv.device}, the wrapper on {self.device}")
+        window = self.variant.window_left
+        tiles = self.num_kv_heads * self.head_tiles
+        self._ops.plan(kv.indptr, kv.kv_lens, self._plan, self.max_batch_size, self.ctas, tiles, REQUEST_OVERHEAD, window)
+        self._indices, self._rows = kv.indices, kv.num_rows
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        out: torch.Tensor | None = None,
+        *,
+        return_lse: bool = False,
+        alibi_slopes: torch.Tensor | None = None,
+    ):
+        """Attention of ``q [rows, Hq, D]`` over the planned KV; returns ``out`` (and ``lse``)."""
+        if self._indices is None:
+            raise RuntimeError("BatchDecode.run() called before plan()")
+        hq, d = self.num_qo_heads, self.head_dim
+        check_rows("q", q, self._rows, hq, d, self.dtype)
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            check_paged(name, cache, self.page_size, self.num_kv_heads, d, self.dtype)
+        out = torch.empty_like(q) if out is None else out
+        check_rows("out", out, self._rows, hq, d, self.dtype)
+        lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device) if return_lse else None
+        if self.variant.alibi and (alibi_slopes is None or alibi_slopes.shape != (hq,) or alibi_slopes.dtype != torch.float32):
+            raise ValueError(f"this ALiBi variant needs alibi_slopes: float32 [{hq}]")
+        self._ops.run(
+            q, k_cache, v_cache, self._indices, self._plan, self._work_o, self._work_lse, out, lse,
+            alibi_slopes if self.variant.alibi else None, self.max_batch_size, self.ctas, self.head_tiles,
+            self.page_size, REQUEST_OVERHEAD, self.sm_scale, self.variant.logits_soft_cap, self.variant.window_left,
+        )
+        return (out, lse) if return_lse else out

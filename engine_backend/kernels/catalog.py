@@ -1,0 +1,47 @@
+"""The kernel specializations a default install and its test suite use: what
+``python -m engine_backend --compile-only`` and ``prebuild`` compile ahead of time."""
+
+from __future__ import annotations
+
+import torch
+
+from ..variants import DEFAULT, Variant
+from . import dtype_params, jit
+
+DTYPES = (torch.bfloat16, torch.float16)
+HEAD_DIMS = (64, 128, 256)
+TEST_VARIANTS = (Variant(logits_soft_cap=30.0), Variant(window_left=100), Variant(alibi=True))
+
+
+def merge_spec(dtype: torch.dtype) -> jit.KernelSpec:
+    return jit.KernelSpec.make("merge_state", ("merge_state.cu", "merge_state_ops.cpp"), dtype_params(dtype))
+
+
+def default_specs(with_test_variants: bool = True) -> list[jit.KernelSpec]:
+    from ..decode import kernel_spec as decode_spec
+    from ..prefill import kernel_spec as prefill_spec
+
+    specs = [merge_spec(d) for d in DTYPES]
+    for dtype in DTYPES:
+        for dim in HEAD_DIMS:
+            specs += [decode_spec(dtype, dim, DEFAULT), prefill_spec(dtype, dim, DEFAULT)]
+    if with_test_variants:
+        for variant in TEST_VARIANTS:
+            specs += [decode_spec(torch.bfloat16, 128, variant), prefill_spec(torch.bfloat16, 128, variant)]
+        specs.append(prefill_spec(torch.bfloat16, 128, DEFAULT, warps=4))
+    return specs
+
+
+def prebuild(arch: str, specs: list[jit.KernelSpec] | None = None) -> list:
+    """Compile every spec for ``arch`` (no GPU needed) into the JIT cache."""
+    return [jit.build(spec, arch) for spec in (specs if specs is not None else default_specs())]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Compile the kernels into the JIT cache ahead of time.")
+    parser.add_argument("--arch", required=True, help="target arch, e.g. 90a for H100")
+    args = parser.parse_args()
+    for path in prebuild(args.arch):
+        print(path)

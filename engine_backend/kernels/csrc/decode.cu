@@ -1,0 +1,506 @@
+// Paged decode attention: one query token per request, GQA heads of a KV head fused into one
+// tensor-core tile, stream-K split of the batch's KV across a fixed grid.
+// Template parameters: ${DTYPE}, head dim ${HEAD_DIM}, variant (${SOFT_CAP}, ${SLIDING_WINDOW}, ${ALIBI}).
+//
+// Grid: (ctas, num_kv_heads * head_tiles). A CTA takes one head tile (up to 16 query heads
+// sharing a KV head, the MMA's rows) and one contiguous range of the batch's cost space (see
+// decode.h), which may span the end of one request, whole requests and the start of another.
+// Each of its 4 warps streams its own 16-token sub-tiles through a private cp.async pipeline,
+// so warps only meet at the end of a request, where their softmax states are merged.
+#include <cub/block/block_scan.cuh>
+
+#include "decode.h"
+#include "mma.cuh"
+#include "state.cuh"
+#include "variant.cuh"
+
+namespace eb {
+namespace {
+
+using T = ${DTYPE};
+using Var = Variant<${SOFT_CAP}, ${SLIDING_WINDOW}, ${ALIBI}>;
+constexpr int D = ${HEAD_DIM};
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kSub = 16;                // tokens per warp sub-tile (the MMA's k for P.V)
+constexpr int kRows = 16;               // query heads per tile (the MMA's m)
+constexpr int kChunks = D / 8;          // 16-byte chunks per row
+constexpr int kStages = D == 64 ? 4 : 3;
+constexpr int kSubBytes = kSub * D * 2;  // one K or V sub-tile
+constexpr int kWarpBytes = kStages * 2 * kSubBytes;
+constexpr int kOStride = D + 4;  // fp32 merge buffer row stride (padding spreads banks)
+constexpr int kSmemKV = kWarps * kWarpBytes;
+constexpr int kSmemQ = kRows * D * 2;
+constexpr int kSmemO = kRows * kOStride * 4;
+constexpr int kSmemML = 2 * kWarps * kRows * 4;
+constexpr int kSmemMisc = 16;
+constexpr int kSmemBytes = kSmemKV + kSmemQ + kSmemO + kSmemML + kSmemMisc;
+constexpr int kMinCtas = D == 256 ? 1 : 2;  // CTAs per SM the shared memory allows
+
+// ------------------------------------------------------------------------- cost space
+struct Range {
+  long x0, x1;  // this CTA's cost range
+  long total;   // T
+  int ctas;     // G (CTAs actually used)
+  EB_DEVICE int cta_of(long pos) const { return int(((pos + 1) * ctas - 1) / total); }
+};
+
+// The part of request b this CTA reads, in tokens of the trimmed KV [lo, hi).
+struct Segment {
+  int row, lo, hi, len;
+  bool owns_empty;  // request with no KV whose zero output this CTA writes
+  EB_DEVICE bool has_tokens() const { return lo < hi; }
+};
+
+EB_DEVICE Segment segment_of(const DecodePlan& plan, const Range& r, int overhead, int b) {
+  Segment s;
+  s.row = b;
+  const long start = plan.cost_start[b];
+  const long tok0 = start + overhead;
+  s.len = plan.kv_len[b];
+  s.lo = int(max(r.x0, tok0) - tok0);
+  s.hi = int(min(r.x1, tok0 + s.len) - tok0);
+  s.owns_empty = s.len == 0 && r.x0 <= start && start < r.x1;
+  return s;
+}
+
+// Walks this CTA's segments that hold tokens, sub-tile by sub-tile, for one warp: the
+// order in which that warp issues its loads (and later consumes them).
+struct SubTileCursor {
+  int row, rows_end, lo, hi, sub;  // sub-tile `sub` covers tokens lo + sub*16 ...
+  bool valid;
+
+  EB_DEVICE void seek(const DecodePlan& plan, const Range& r, int overhead, int rows, int b, int warp) {
+    for (; b < rows && plan.cost_start[b] < r.x1; ++b) {
+      Segment s = segment_of(plan, r, overhead, b);
+      if (s.has_tokens()) {
+        row = b, lo = s.lo, hi = s.hi, sub = warp, valid = true;
+        if (lo + sub * kSub < hi) return;  // this warp has work in the segment
+      }
+    }
+    valid = false;
+  }
+  EB_DEVICE void advance(const DecodePlan& plan, const Range& r, int overhead, int rows, int warp) {
+    sub += kWarps;
+    if (lo + sub * kSub >= hi) seek(plan, r, overhead, rows, row + 1, warp);
+  }
+};
+
+// ------------------------------------------------------------------------- the kernel
+struct Smem {
+  uint8_t* kv;  // [warps][stages][K|V][16 rows][D], swizzled
+  uint8_t* q;   // [16 rows][D], swizzled
+  float* o;     // [16][kOStride] merge buffer
+  float* ml;    // [2][warps][16]: row max and row sum per warp
+  int* flag;
+  EB_DEVICE explicit Smem(uint8_t* base) {
+    kv = base;
+    q = kv + kSmemKV;
+    o = reinterpret_cast<float*>(q + kSmemQ);
+    ml = o + kRows * kOStride;
+    flag = reinterpret_cast<int*>(ml + 2 * kWarps * kRows);
+  }
+  EB_DEVICE uint8_t* k_tile(int warp, int stage) const { return kv + warp * kWarpBytes + stage * 2 * kSubBytes; }
+  EB_DEVICE uint8_t* v_tile(int warp, int stage) const { return k_tile(warp, stage) + kSubBytes; }
+};
+
+struct HeadTile {
+  int kv_head, h0, rows;  // query heads h0 .. h0+rows-1
+};
+
+// Issue the cp.async loads of one warp's sub-tile (K and V) into a pipeline stage.
+EB_DEVICE void issue_sub_tile(const DecodeParams& p, const Smem& sm, const SubTileCursor& cur, int stage, int warp,
+                              int lane, int kv_head) {
+  if (cur.valid) {
+    const int begin = p.plan.kv_begin[cur.row] + cur.lo + cur.sub * kSub;  // first token of the sub-tile
+    const int end = p.plan.kv_begin[cur.row] + cur.hi;
+    const int32_t* pages = p.indices + p.plan.page_ptr[cur.row];
+    // Lanes 0..15 look up the page of token `lane`; the others fetch it by shuffle.
+    const int my_tok = begin + (lane & 15);
+    const int my_page = my_tok < end ? pages[my_tok >> p.log2_page] : 0;
+    constexpr int kLanesPerRow = kChunks < 32 ? kChunks : 32;
+    constexpr int kRowsPerPass = 32 / kLanesPerRow;
+    const int chunk = lane % kLanesPerRow;
+    const uint32_t k_base = smem_addr(sm.k_tile(warp, stage));
+    const uint32_t v_base = smem_addr(sm.v_tile(warp, stage));
+#pragma unroll
+    for (int pass = 0; pass < kSub / kRowsPerPass; ++pass) {
+      const int row = pass * kRowsPerPass + lane / kLanesPerRow;
+      const int tok = begin + row;
+      const int page = __shfl_sync(0xffffffff, my_page, row);
+      const bool valid = tok < end;
+      const long in_page = tok & ((1 << p.log2_page) - 1);
+      const T* k = static_cast<const T*>(p.k) + page * p.k_stride_page + in_page * p.k_stride_tok +
+                   kv_head * p.k_stride_head;
+      const T* v = static_cast<const T*>(p.v) + page * p.v_stride_page + in_page * p.v_stride_tok +
+                   kv_head * p.v_stride_head;
+#pragma unroll
+      for (int c = chunk; c < kChunks; c += kLanesPerRow) {
+        cp_async_16(k_base + swizzle<kChunks>(row, c), k + c * 8, valid);
+        cp_async_16(v_base + swizzle<kChunks>(row, c), v + c * 8, valid);
+      }
+    }
+  }
+  cp_async_commit();  // empty groups keep the wait counts uniform
+}
+
+// Running softmax state of one warp: rows g and g+8 of the tile (g = lane / 4).
+struct WarpState {
+  float o[D / 8][4];
+  float m[2], l[2];
+  EB_DEVICE void init() {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    m[0] = m[1] = -CUDART_INF_F;
+    l[0] = l[1] = 0.f;
+  }
+};
+
+// S = Q K^T for 16 tokens, the variant's score, online softmax, O += P V.
+EB_DEVICE void compute_sub_tile(const DecodeParams& p, const Smem& sm, WarpState& st, int warp, int stage, int lane,
+                                int tok0, int tok_end, int q_pos, const typename Var::Row (&vrow)[2]) {
+  const uint32_t q_base = smem_addr(sm.q), k_base = smem_addr(sm.k_tile(warp, stage));
+  const uint32_t v_base = smem_addr(sm.v_tile(warp, stage));
+  float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t qa[4], kb[4];
+    ldmatrix_x4(qa, q_base + swizzle<kChunks>(lane % 16, 2 * kk + lane / 16));
+    ldmatrix_x4(kb, k_base + swizzle<kChunks>((lane % 8) + 8 * (lane / 16), 2 * kk + (lane / 8) % 2));
+    mma_16816<T>(s[0], qa, kb);
+    mma_16816<T>(s[1], qa, kb + 2);
+  }
+  // Fragment element (n, i): row g + 8*(i/2), token 8n + 2*(lane%4) + i%2.
+  float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+#pragma unroll
+  for (int n = 0; n < 2; ++n) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int tok = tok0 + 8 * n + 2 * (lane % 4) + (i % 2);
+      float x = Var::score(s[n][i], vrow[i / 2], q_pos, tok);
+      x = tok < tok_end ? x : -CUDART_INF_F;
+      s[n][i] = x;
+      row_max[i / 2] = fmaxf(row_max[i / 2], x);
+    }
+  }
+  float rescale[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float m_new = fmaxf(st.m[r], quad_max(row_max[r]));
+    const float base = m_new == -CUDART_INF_F ? 0.f : m_new;  // all masked so far: avoid inf - inf
+    rescale[r] = fast_exp2(st.m[r] - base);
+    st.m[r] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      s[n][2 * r] = fast_exp2(s[n][2 * r] - base);
+      s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
+      sum += s[n][2 * r] + s[n][2 * r + 1];
+    }
+    st.l[r] = st.l[r] * rescale[r] + sum;  // per-lane partial; the quad is summed at the end
+  }
+  uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),
+                    pack2<T>(s[1][2], s[1][3])};
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    st.o[dt][0] *= rescale[0];
+    st.o[dt][1] *= rescale[0];
+    st.o[dt][2] *= rescale[1];
+    st.o[dt][3] *= rescale[1];
+  }
+#pragma unroll
+  for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+    uint32_t vb[4];
+    ldmatrix_x4_trans(vb, v_base + swizzle<kChunks>((lane % 8) + 8 * ((lane / 8) % 2), 2 * dt2 + lane / 16));
+    mma_16816<T>(st.o[2 * dt2], pa, vb);
+    mma_16816<T>(st.o[2 * dt2 + 1], pa, vb + 2);
+  }
+}
+
+// Load the query rows of request b for this head tile into shared memory (zeros past `rows`).
+EB_DEVICE void load_q(const DecodeParams& p, const Smem& sm, const HeadTile& ht, int b) {
+  for (int i = threadIdx.x; i < kRows * kChunks; i += kThreads) {
+    const int row = i / kChunks, c = i % kChunks;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (row < ht.rows) {
+      const T* q = static_cast<const T*>(p.q) + b * p.q_stride_n + (ht.h0 + row) * p.q_stride_h + c * 8;
+      val = *reinterpret_cast<const uint4*>(q);
+    }
+    *reinterpret_cast<uint4*>(sm.q + swizzle<kChunks>(row, c)) = val;
+  }
+}
+
+EB_DEVICE void store_row(const DecodeParams& p, int b, int h, int c, const float* v8) {
+  Vec8<T> vec;
+  vec.from_float(v8);
+  vec.store(static_cast<T*>(p.out) + b * p.out_stride_n + h * p.out_stride_h + c * 8);
+}
+
+// Merge the four warps' states of request b into sm.o (normalised) and per-row lse2 in ml.
+EB_DEVICE void merge_warps(const Smem& sm, WarpState& st, int warp, int lane) {
+  float* ml_m = sm.ml;
+  float* ml_l = sm.ml + kWarps * kRows;
+  const int g = lane / 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(st.l[r]);
+    if (lane % 4 == 0) {
+      ml_m[warp * kRows + g + 8 * r] = st.m[r];
+      ml_l[warp * kRows + g + 8 * r] = l;
+    }
+  }
+  __syncthreads();
+  float scale[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = g + 8 * r;
+    float m = -CUDART_INF_F;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, ml_m[w * kRows + row]);
+    const float base = m == -CUDART_INF_F ? 0.f : m;
+    float l = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) l += ml_l[w * kRows + row] * fast_exp2(ml_m[w * kRows + row] - base);
+    scale[r] = l > 0.f ? fast_exp2(st.m[r] - base) / l : 0.f;
+  }
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    const int col = 8 * dt + 2 * (lane % 4);
+    atomicAdd(&sm.o[g * kOStride + col], st.o[dt][0] * scale[0]);
+    atomicAdd(&sm.o[g * kOStride + col + 1], st.o[dt][1] * scale[0]);
+    atomicAdd(&sm.o[(g + 8) * kOStride + col], st.o[dt][2] * scale[1]);
+    atomicAdd(&sm.o[(g + 8) * kOStride + col + 1], st.o[dt][3] * scale[1]);
+  }
+  __syncthreads();
+}
+
+// Row log2-sum-exp after merge_warps (reads the per-warp maxima and sums it left in ml).
+EB_DEVICE float merged_lse2(const Smem& sm, int row) {
+  float m = -CUDART_INF_F;
+  for (int w = 0; w < kWarps; ++w) m = fmaxf(m, sm.ml[w * kRows + row]);
+  if (m == -CUDART_INF_F) return -CUDART_INF_F;
+  float l = 0.f;
+  for (int w = 0; w < kWarps; ++w) l += sm.ml[kWarps * kRows + w * kRows + row] * fast_exp2(sm.ml[w * kRows + row] - m);
+  return l > 0.f ? m + fast_log2(l) : -CUDART_INF_F;
+}
+
+// Final output of a request this CTA read whole (or a zero-KV request): from sm.o.
+EB_DEVICE void write_output(const DecodeParams& p, const Smem& sm, const HeadTile& ht, int b) {
+  for (int i = threadIdx.x; i < ht.rows * kChunks; i += kThreads) {
+    const int row = i / kChunks, c = i % kChunks;
+    store_row(p, b, ht.h0 + row, c, &sm.o[row * kOStride + c * 8]);
+    if (p.lse && c == 0) p.lse[b * p.lse_stride_n + ht.h0 + row] = merged_lse2(sm, row) * kLn2;
+  }
+}
+
+// One piece of a request cut across CTAs: store it, and if it is the last piece to finish,
+// merge all pieces into the output. Classic threadfence pattern: pieces are published before
+// the counter increment, and the last CTA reads them from L2.
+EB_DEVICE void write_piece(const DecodeParams& p, const Smem& sm, const HeadTile& ht, int b, int piece, int pieces,
+                           int head_tile_id) {
+  const int slot0 = p.plan.piece_base[b];
+  const int hq = p.num_qo_heads;
+  for (int i = threadIdx.x; i < ht.rows * (D / 4); i += kThreads) {
+    const int row = i / (D / 4), c = i % (D / 4);
+    const float4 val = *reinterpret_cast<const float4*>(&sm.o[row * kOStride + c * 4]);
+    __stcg(reinterpret_cast<float4*>(p.work_o + (long(slot0 + piece) * hq + ht.h0 + row) * D + c * 4), val);
+    if (c == 0) __stcg(p.work_lse + long(slot0 + piece) * hq + ht.h0 + row, merged_lse2(sm, row));
+  }
+  __threadfence();
+  __syncthreads();
+  int* sem = p.plan.semaphores + long(b) * gridDim.y + head_tile_id;
+  if (threadIdx.x == 0) *sm.flag = atomicAdd(sem, 1) == pieces - 1;
+  __syncthreads();
+  if (!*sm.flag) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < ht.rows * kChunks; i += kThreads) {
+    const int row = i / kChunks, c = i % kChunks;
+    MergeAcc<8> acc;
+    acc.init();
+    for (int k = 0; k < pieces; ++k) {
+      const long slot = long(slot0 + k) * hq + ht.h0 + row;
+      const float4* src = reinterpret_cast<const float4*>(p.work_o + slot * D + c * 8);
+      float v[8];
+      *reinterpret_cast<float4*>(v) = __ldcg(src);
+      *reinterpret_cast<float4*>(v + 4) = __ldcg(src + 1);
+      acc.add(v, __ldcg(p.work_lse + slot));
+    }
+    float v[8];
+    const float lse2 = acc.finish(v);
+    store_row(p, b, ht.h0 + row, c, v);
+    if (p.lse && c == 0) p.lse[b * p.lse_stride_n + ht.h0 + row] = lse2 * kLn2;
+  }
+  if (threadIdx.x == 0) *sem = 0;  // ready for the next launch (the next layer, a graph replay)
+}
+
+__global__ void __launch_bounds__(kThreads, kMinCtas) decode_kernel(const DecodeParams p) {
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  const Smem sm(smem_raw);
+  const int rows = p.plan.header[0];
+  Range r;
+  r.total = p.plan.header[1];
+  r.ctas = p.plan.header[2];
+  const int c = blockIdx.x;
+  if (c >= r.ctas) return;
+  r.x0 = long(c) * r.total / r.ctas;
+  r.x1 = long(c + 1) * r.total / r.ctas;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = p.num_qo_heads / p.num_kv_heads;
+  HeadTile ht;
+  ht.kv_head = blockIdx.y / p.head_tiles;
+  const int tile = blockIdx.y % p.head_tiles;
+  ht.h0 = ht.kv_head * group + tile * kRows;
+  ht.rows = min(kRows, group - tile * kRows);
+
+  for (int i = threadIdx.x; i < kRows * kOStride; i += kThreads) sm.o[i] = 0.f;
+  const int first = p.plan.first_row[c];
+  SubTileCursor issue;
+  issue.seek(p.plan, r, p.overhead, rows, first, warp);
+  for (int s = 0; s < kStages - 1; ++s) {
+    issue_sub_tile(p, sm, issue, s, warp, lane, ht.kv_head);
+    if (issue.valid) issue.advance(p.plan, r, p.overhead, rows, warp);
+  }
+  int stage = 0;
+
+  typename Var::Row vrow[2];
+  for (int b = first; b < rows && p.plan.cost_start[b] < r.x1; ++b) {
+    const Segment seg = segment_of(p.plan, r, p.overhead, b);
+    if (!seg.has_tokens() && !seg.owns_empty) continue;
+    load_q(p, sm, ht, b);
+    __syncthreads();
+    const int begin = p.plan.kv_begin[b];
+    const int q_pos = begin + seg.len - 1;  // the query is the newest token
+#pragma unroll
+    for (int i = 0; i < 2; ++i) vrow[i] = Var::row(p.variant, ht.h0 + min(lane / 4 + 8 * i, ht.rows - 1));
+    WarpState st;
+    st.init();
+    const int subs = (seg.hi - seg.lo + kSub - 1) / kSub;
+    for (int j = warp; j < subs && seg.has_tokens(); j += kWarps) {
+      // Sub-tile i is in stage i % kStages; the loads of sub-tile i + kStages - 1 go into
+      // the stage consumed by the previous iteration, before computing, to keep them in flight.
+      cp_async_wait<kStages - 2>();
+      __syncwarp();
+      issue_sub_tile(p, sm, issue, (stage + kStages - 1) % kStages, warp, lane, ht.kv_head);
+      if (issue.valid) issue.advance(p.plan, r, p.overhead, rows, warp);
+      const int tok0 = begin + seg.lo + j * kSub;
+      compute_sub_tile(p, sm, st, warp, stage, lane, tok0, begin + seg.hi, q_pos, vrow);
+      stage = (stage + 1) % kStages;
+    }
+    merge_warps(sm, st, warp, lane);
+    const Range& rr = r;
+    const long tok_start = long(p.plan.cost_start[b]) + p.overhead;
+    const int pieces = seg.len == 0 ? 1 : rr.cta_of(tok_start + seg.len - 1) - rr.cta_of(tok_start) + 1;
+    if (pieces == 1) {
+      write_output(p, sm, ht, b);
+    } else {
+      write_piece(p, sm, ht, b, c - rr.cta_of(tok_start), pieces, blockIdx.y);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < kRows * kOStride; i += kThreads) sm.o[i] = 0.f;
+  }
+  cp_async_wait<0>();
+}
+
+// ---------------------------------------------------------------------- planning kernel
+constexpr int kPlanThreads = 1024;
+using PlanScan = cub::BlockScan<int, kPlanThreads>;
+
+__global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t* __restrict__ indptr,
+                                                                  const int32_t* __restrict__ kv_lens, int rows,
+                                                                  DecodePlan plan, int ctas, int overhead,
+                                                                  int window_left, int semaphores) {
+  __shared__ typename PlanScan::TempStorage scan;
+  __shared__ int carry;
+  const int tid = threadIdx.x;
+  if (tid == 0) carry = 0;
+  __syncthreads();
+  // 1. Cost of every request and its start in cost space.
+  for (int base = 0; base < rows; base += kPlanThreads) {
+    const int b = base + tid;
+    int len = 0, begin = 0;
+    if (b < rows) {
+      len = kv_lens[b];
+      if (window_left >= 0) begin = max(0, len - 1 - window_left);  // keys the query can see
+      plan.kv_begin[b] = begin;
+      plan.kv_len[b] = len - begin;
+      plan.page_ptr[b] = indptr[b];
+    }
+    int x, total;
+    PlanScan(scan).ExclusiveSum(b < rows ? len - begin + overhead : 0, x, total);
+    if (b < rows) plan.cost_start[b] = carry + x;
+    __syncthreads();
+    if (tid == 0) carry += total;
+    __syncthreads();
+  }
+  const int total = carry;
+  const int used = rows == 0 ? 0 : min(ctas, total);
+  if (tid == 0) {
+    plan.cost_start[rows] = total;
+    plan.header[0] = rows;
+    plan.header[1] = total;
+    plan.header[2] = used;
+  }
+  __syncthreads();
+  // 2. First request each CTA touches: the first b whose cost range ends after the CTA's start.
+  for (int c = tid; c < used; c += kPlanThreads) {
+    const long x0 = long(c) * total / used;
+    int lo = 0, hi = rows - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (plan.cost_start[mid + 1] > x0) hi = mid; else lo = mid + 1;
+    }
+    plan.first_row[c] = lo;
+  }
+  // 3. Partial-state slots of requests cut into pieces.
+  if (tid == 0) carry = 0;
+  __syncthreads();
+  for (int base = 0; base < rows; base += kPlanThreads) {
+    const int b = base + tid;
+    int pieces = 0;
+    if (b < rows && used > 0) {
+      const long tok0 = long(plan.cost_start[b]) + overhead;
+      const int len = plan.kv_len[b];
+      auto cta_of = [&](long pos) { return int(((pos + 1) * used - 1) / total); };
+      pieces = len == 0 ? 1 : cta_of(tok0 + len - 1) - cta_of(tok0) + 1;
+    }
+    int x, sum;
+    PlanScan(scan).ExclusiveSum(pieces > 1 ? pieces : 0, x, sum);
+    if (b < rows) plan.piece_base[b] = carry + x;
+    __syncthreads();
+    if (tid == 0) carry += sum;
+    __syncthreads();
+  }
+  if (tid == 0) plan.header[3] = carry;
+  for (int i = tid; i < semaphores; i += kPlanThreads) plan.semaphores[i] = 0;
+}
+
+}  // namespace
+
+int decode_smem_bytes() { return kSmemBytes; }
+
+int decode_max_ctas_per_sm() {
+  int n = 0;
+  cudaFuncSetAttribute(decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel, kThreads, kSmemBytes);
+  return n;
+}
+
+void decode_plan_launch(const int32_t* indptr, const int32_t* kv_lens, int rows, const DecodePlan& plan, int ctas,
+                        int overhead, int window_left, int semaphores, cudaStream_t stream) {
+  decode_plan_kernel<<<1, kPlanThreads, 0, stream>>>(indptr, kv_lens, rows, plan, ctas, overhead, window_left,
+                                                     semaphores);
+}
+
+void decode_run_launch(const DecodeParams& params, cudaStream_t stream) {
+  static bool configured = [] {
+    cudaFuncSetAttribute(decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    return true;
+  }();
+  (void)configured;
+  const dim3 grid(params.ctas, params.num_kv_heads * params.head_tiles);
+  decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(params);
+}
+
+}  // namespace eb

@@ -1,0 +1,101 @@
+// torch binding of the decode kernels, registered in the namespace EB_NAMESPACE (unique per build).
+#include <torch/library.h>
+
+#include <optional>
+
+#include "decode.h"
+#include "torch_utils.h"
+
+namespace {
+
+constexpr at::ScalarType kDtype = ${TORCH_DTYPE};
+constexpr int kHeadDim = ${HEAD_DIM};
+
+// The plan lives in one int32 buffer; this carves it into the arrays of eb::DecodePlan.
+eb::DecodePlan carve_plan(const at::Tensor& buf, int64_t max_rows, int64_t ctas, int64_t head_tiles_total) {
+  TORCH_CHECK(buf.scalar_type() == at::kInt && buf.is_contiguous(), "plan buffer must be contiguous int32");
+  const int64_t need = 4 + (max_rows + 1) + 4 * max_rows + ctas + max_rows * head_tiles_total + max_rows;
+  TORCH_CHECK(buf.numel() >= need, "plan buffer too small: ", buf.numel(), " < ", need);
+  int32_t* p = buf.data_ptr<int32_t>();
+  eb::DecodePlan plan;
+  plan.header = p, p += 4;
+  plan.cost_start = p, p += max_rows + 1;
+  plan.kv_begin = p, p += max_rows;
+  plan.kv_len = p, p += max_rows;
+  plan.page_ptr = p, p += max_rows;
+  plan.first_row = p, p += ctas;
+  plan.piece_base = p, p += max_rows;
+  plan.semaphores = p;
+  return plan;
+}
+
+void plan(const at::Tensor& indptr, const at::Tensor& kv_lens, const at::Tensor& plan_buf, int64_t max_rows,
+          int64_t ctas, int64_t head_tiles_total, int64_t overhead, int64_t window_left) {
+  c10::cuda::CUDAGuard guard(plan_buf.device());
+  eb::check_cuda(indptr, "indptr");
+  eb::check_cuda(kv_lens, "kv_lens");
+  const int64_t rows = kv_lens.size(0);
+  TORCH_CHECK(rows <= max_rows, "batch of ", rows, " requests exceeds max_batch_size ", max_rows);
+  eb::DecodePlan p = carve_plan(plan_buf, max_rows, ctas, head_tiles_total);
+  eb::decode_plan_launch(indptr.data_ptr<int32_t>(), kv_lens.data_ptr<int32_t>(), rows, p, ctas, overhead,
+                         window_left, rows * head_tiles_total, eb::current_stream(plan_buf));
+  eb::check_launch("decode plan");
+}
+
+void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
+         const at::Tensor& plan_buf, const at::Tensor& work_o, const at::Tensor& work_lse, const at::Tensor& out,
+         const std::optional<at::Tensor>& lse, const std::optional<at::Tensor>& alibi, int64_t max_rows, int64_t ctas,
+         int64_t head_tiles, int64_t page_size, int64_t overhead, double sm_scale, double soft_cap,
+         int64_t window_left) {
+  c10::cuda::CUDAGuard guard(q.device());
+  for (auto* t : {&q, &k, &v, &out}) {
+    eb::check_cuda(*t, "q/k/v/out");
+    eb::check_dtype(*t, kDtype, "q/k/v/out");
+    eb::check_last_dim_contiguous(*t, "q/k/v/out");
+  }
+  TORCH_CHECK(q.size(-1) == kHeadDim && k.size(-1) == kHeadDim, "kernel built for head dim ", kHeadDim);
+  eb::DecodeParams p{};
+  p.q = q.data_ptr();
+  p.q_stride_n = q.stride(0), p.q_stride_h = q.stride(1);
+  p.k = k.data_ptr(), p.v = v.data_ptr();
+  p.k_stride_page = k.stride(0), p.k_stride_tok = k.stride(1), p.k_stride_head = k.stride(2);
+  p.v_stride_page = v.stride(0), p.v_stride_tok = v.stride(1), p.v_stride_head = v.stride(2);
+  p.indices = indices.data_ptr<int32_t>();
+  p.log2_page = 0;
+  while ((int64_t(1) << p.log2_page) < page_size) ++p.log2_page;
+  p.out = out.data_ptr();
+  p.out_stride_n = out.stride(0), p.out_stride_h = out.stride(1);
+  p.lse = lse ? lse->data_ptr<float>() : nullptr;
+  p.lse_stride_n = lse ? lse->stride(0) : 0;
+  p.work_o = work_o.data_ptr<float>();
+  p.work_lse = work_lse.data_ptr<float>();
+  p.num_qo_heads = q.size(1);
+  p.num_kv_heads = k.size(2);
+  p.head_tiles = head_tiles;
+  p.ctas = ctas;
+  p.overhead = overhead;
+  p.plan = carve_plan(plan_buf, max_rows, ctas, p.num_kv_heads * head_tiles);
+  p.variant.sm_scale = sm_scale;
+  p.variant.soft_cap = soft_cap;
+  p.variant.window_left = window_left;
+  p.variant.alibi = alibi ? alibi->data_ptr<float>() : nullptr;
+  eb::decode_run_launch(p, eb::current_stream(q));
+  eb::check_launch("decode");
+}
+
+int64_t smem_bytes() { return eb::decode_smem_bytes(); }
+int64_t max_ctas_per_sm() { return eb::decode_max_ctas_per_sm(); }
+
+}  // namespace
+
+TORCH_LIBRARY(EB_NAMESPACE, m) {
+  m.def("plan(Tensor indptr, Tensor kv_lens, Tensor(a!) plan, int max_rows, int ctas, int head_tiles_total, "
+        "int overhead, int window_left) -> ()",
+        &plan);
+  m.def("run(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor plan, Tensor(a!) work_o, Tensor(b!) work_lse, "
+        "Tensor(c!) out, Tensor(d!)? lse, Tensor? alibi, int max_rows, int ctas, int head_tiles, int page_size, "
+        "int overhead, float sm_scale, float soft_cap, int window_left) -> ()",
+        &run);
+  m.def("smem_bytes() -> int", &smem_bytes);
+  m.def("max_ctas_per_sm() -> int", &max_ctas_per_sm);
+}

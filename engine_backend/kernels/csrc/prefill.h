@@ -1,0 +1,48 @@
+// Host-side interface of the prefill / append kernels (plain C++, no torch).
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "variant_params.h"
+
+namespace eb {
+
+// Written by the planning kernel from the BSR, read by the attention kernel; int32 device
+// arrays owned by the Python wrapper. The work is one CTA per (query tile, KV head); query
+// tiles pack (token, query head of the KV head's group) pairs, token-major, so every K/V tile
+// loaded serves all query heads of its group.
+struct PrefillPlan {
+  int32_t* header;     // [2] rows, query tiles
+  int32_t* qo_start;   // [max_rows + 1] copy of qo_indptr
+  int32_t* kv_len;     // [max_rows]
+  int32_t* page_ptr;   // [max_rows] copy of indptr
+  int32_t* tile_row;   // [max_tiles] request of each query tile
+  int32_t* tile_idx;   // [max_tiles] index of the tile within its request
+};
+
+struct PrefillParams {
+  const void* q;  // [tokens, Hq, D]
+  int64_t q_stride_n, q_stride_h;
+  const void* k;
+  const void* v;
+  int64_t k_stride_page, k_stride_tok, k_stride_head;
+  int64_t v_stride_page, v_stride_tok, v_stride_head;
+  const int32_t* indices;
+  int log2_page;
+  void* out;
+  int64_t out_stride_n, out_stride_h;
+  float* lse;  // [tokens, Hq] natural log, or null
+  int64_t lse_stride_n;
+  PrefillPlan plan;
+  int num_qo_heads, num_kv_heads;
+  int max_tiles;  // grid = max_tiles * num_kv_heads
+  bool causal;
+  VariantParams variant;
+};
+
+int prefill_tile_rows();  // query rows (token x head pairs) per tile
+void prefill_plan_launch(const int32_t* qo_indptr, const int32_t* indptr, const int32_t* kv_lens, int rows,
+                         const PrefillPlan& plan, int group, int max_tiles, cudaStream_t stream);
+void prefill_run_launch(const PrefillParams& params, cudaStream_t stream);
+
+}  // namespace eb

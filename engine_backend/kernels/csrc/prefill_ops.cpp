@@ -1,0 +1,93 @@
+// torch binding of the prefill kernels, registered in the namespace EB_NAMESPACE (unique per build).
+#include <torch/library.h>
+
+#include <optional>
+
+#include "prefill.h"
+#include "torch_utils.h"
+
+namespace {
+
+constexpr at::ScalarType kDtype = ${TORCH_DTYPE};
+constexpr int kHeadDim = ${HEAD_DIM};
+
+// The plan lives in one int32 buffer; this carves it into the arrays of eb::PrefillPlan.
+eb::PrefillPlan carve_plan(const at::Tensor& buf, int64_t max_rows, int64_t max_tiles) {
+  TORCH_CHECK(buf.scalar_type() == at::kInt && buf.is_contiguous(), "plan buffer must be contiguous int32");
+  const int64_t need = 4 + (max_rows + 1) + 2 * max_rows + 2 * max_tiles;
+  TORCH_CHECK(buf.numel() >= need, "plan buffer too small: ", buf.numel(), " < ", need);
+  int32_t* p = buf.data_ptr<int32_t>();
+  eb::PrefillPlan plan;
+  plan.header = p, p += 4;
+  plan.qo_start = p, p += max_rows + 1;
+  plan.kv_len = p, p += max_rows;
+  plan.page_ptr = p, p += max_rows;
+  plan.tile_row = p, p += max_tiles;
+  plan.tile_idx = p;
+  return plan;
+}
+
+void plan(const at::Tensor& qo_indptr, const at::Tensor& indptr, const at::Tensor& kv_lens, const at::Tensor& plan_buf,
+          int64_t max_rows, int64_t max_tiles, int64_t group) {
+  c10::cuda::CUDAGuard guard(plan_buf.device());
+  for (auto* t : {&qo_indptr, &indptr, &kv_lens}) eb::check_cuda(*t, "BSR arrays");
+  const int64_t rows = kv_lens.size(0);
+  TORCH_CHECK(rows <= max_rows, "batch of ", rows, " requests exceeds max_batch_size ", max_rows);
+  eb::prefill_plan_launch(qo_indptr.data_ptr<int32_t>(), indptr.data_ptr<int32_t>(), kv_lens.data_ptr<int32_t>(),
+                          rows, carve_plan(plan_buf, max_rows, max_tiles), group, max_tiles,
+                          eb::current_stream(plan_buf));
+  eb::check_launch("prefill plan");
+}
+
+void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
+         const at::Tensor& plan_buf, const at::Tensor& out, const std::optional<at::Tensor>& lse,
+         const std::optional<at::Tensor>& alibi, int64_t max_rows, int64_t max_tiles, int64_t launch_tiles,
+         int64_t page_size, bool causal, double sm_scale, double soft_cap, int64_t window_left) {
+  c10::cuda::CUDAGuard guard(q.device());
+  for (auto* t : {&q, &k, &v, &out}) {
+    eb::check_cuda(*t, "q/k/v/out");
+    eb::check_dtype(*t, kDtype, "q/k/v/out");
+    eb::check_last_dim_contiguous(*t, "q/k/v/out");
+  }
+  TORCH_CHECK(q.size(-1) == kHeadDim && k.size(-1) == kHeadDim, "kernel built for head dim ", kHeadDim);
+  TORCH_CHECK(launch_tiles <= max_tiles, "launch_tiles exceeds the plan's capacity");
+  eb::PrefillParams p{};
+  p.q = q.data_ptr();
+  p.q_stride_n = q.stride(0), p.q_stride_h = q.stride(1);
+  p.k = k.data_ptr(), p.v = v.data_ptr();
+  p.k_stride_page = k.stride(0), p.k_stride_tok = k.stride(1), p.k_stride_head = k.stride(2);
+  p.v_stride_page = v.stride(0), p.v_stride_tok = v.stride(1), p.v_stride_head = v.stride(2);
+  p.indices = indices.data_ptr<int32_t>();
+  p.log2_page = 0;
+  while ((int64_t(1) << p.log2_page) < page_size) ++p.log2_page;
+  p.out = out.data_ptr();
+  p.out_stride_n = out.stride(0), p.out_stride_h = out.stride(1);
+  p.lse = lse ? lse->data_ptr<float>() : nullptr;
+  p.lse_stride_n = lse ? lse->stride(0) : 0;
+  p.plan = carve_plan(plan_buf, max_rows, max_tiles);
+  p.num_qo_heads = q.size(1);
+  p.num_kv_heads = k.size(2);
+  p.max_tiles = launch_tiles;
+  p.causal = causal;
+  p.variant.sm_scale = sm_scale;
+  p.variant.soft_cap = soft_cap;
+  p.variant.window_left = window_left;
+  p.variant.alibi = alibi ? alibi->data_ptr<float>() : nullptr;
+  eb::prefill_run_launch(p, eb::current_stream(q));
+  eb::check_launch("prefill");
+}
+
+int64_t tile_rows() { return eb::prefill_tile_rows(); }
+
+}  // namespace
+
+TORCH_LIBRARY(EB_NAMESPACE, m) {
+  m.def("plan(Tensor qo_indptr, Tensor indptr, Tensor kv_lens, Tensor(a!) plan, int max_rows, int max_tiles, "
+        "int group) -> ()",
+        &plan);
+  m.def("run(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor plan, Tensor(a!) out, Tensor(b!)? lse, "
+        "Tensor? alibi, int max_rows, int max_tiles, int launch_tiles, int page_size, bool causal, float sm_scale, "
+        "float soft_cap, int window_left) -> ()",
+        &run);
+  m.def("tile_rows() -> int", &tile_rows);
+}
