@@ -1,0 +1,265 @@
+"""Serving benchmark: for each attention backend, start the engine's server, run its benchmark client on the
+ShareGPT slice, stop the server, and tabulate TTFT / TPOT / ITL / throughput per backend.
+
+    python -m e2e.serve_bench --engine vllm --out .out/e2e-vllm                 # all four vLLM backends
+    python -m e2e.serve_bench --engine sglang --backends engine_backend,triton --out .out/e2e-sglang \\
+        --python python3 --pythonpath $HOME/site
+
+Each backend's files go to OUT/<backend>/ (server.log, client.log, the client's result, backend.json);
+OUT/results.md and OUT/results.json are rewritten after every backend from all backend.json files present,
+so runs of a few backends each (the GPU host allows 10 minutes a command) add up to one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from e2e import gpu
+from e2e.engines import ENGINES, HOST, Engine, Workload
+from e2e.results import BackendResult, metrics_from_client, write_tables
+from e2e.server import ServerError, ServerProcess, free_port, live_group_members, log_tail
+
+E2E_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL = E2E_DIR / "models" / "llama3-8b-shape"
+DEFAULT_DATASET = E2E_DIR / "data" / "sharegpt_300.json"
+BACKEND_FILE = "backend.json"
+PGID_FILE = "server.pgid"
+
+
+class Interrupted(Exception):
+    """SIGTERM / SIGINT: raised so that the running server's process group is stopped on the way out."""
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(f"signal {signum}")
+
+
+def child_environment(pythonpath: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """(full environment for servers and clients, the variables this harness sets, for the report)."""
+    overrides = {
+        # Offline host: never try a hub for the model, tokenizer or anything else.
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if pythonpath:
+        existing = os.environ.get("PYTHONPATH")
+        overrides["PYTHONPATH"] = pythonpath + (os.pathsep + existing if existing else "")
+    return {**os.environ, **overrides}, overrides
+
+
+def shown(command: list[str], overrides: dict[str, str]) -> str:
+    """The exact command line, with the environment this harness sets, as one copy-pasteable string."""
+    prefix = " ".join(f"{name}={shlex.quote(value)}" for name, value in overrides.items())
+    return f"{prefix} {shlex.join(command)}" if prefix else shlex.join(command)
+
+
+def package_version(python: str, env: dict[str, str], distribution: str) -> str:
+    """Installed version of ``distribution`` as seen by ``python`` (metadata only, nothing imported)."""
+    code = f"import importlib.metadata as m; print(m.version({distribution!r}))"
+    try:
+        done = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=False)
+    except (subprocess.SubprocessError, OSError) as error:
+        return f"unknown ({error})"
+    return done.stdout.strip() if done.returncode == 0 else "not installed"
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def fake_server_command(engine: Engine, work: Workload, backend: str, port: int) -> list[str]:
+    """The stand-in server (e2e/fake_server.py) in place of the engine's, to check the harness without a GPU."""
+    return [sys.executable, str(E2E_DIR / "fake_server.py"), "--protocol", engine.name, "--backend", backend,
+            "--port", str(port), "--model", str(work.model), "--spawn-child"]
+
+
+def run_client(command: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> int:
+    """Run the benchmark client in its own process group (killed whole on time-out); returns its exit code."""
+    with open(log_path, "wb") as log:
+        client = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            return client.wait(timeout=timeout_s)
+        except (subprocess.TimeoutExpired, Interrupted):
+            os.killpg(client.pid, signal.SIGKILL)
+            client.wait()
+            raise
+
+
+def reap_stale_server(backend_dir: Path) -> None:
+    """Kill a server group left by an interrupted earlier run into the same folder (it would hold the GPU)."""
+    pgid_file = backend_dir / PGID_FILE
+    if not pgid_file.is_file():
+        return
+    group = int(pgid_file.read_text().strip())
+    if live_group_members(group):
+        print(f"[e2e] killing server group {group} left by an interrupted run", flush=True)
+        os.killpg(group, signal.SIGKILL)
+    pgid_file.unlink()
+
+
+def run_backend(engine: Engine, work: Workload, backend: str, backend_dir: Path, env: dict[str, str],
+                overrides: dict[str, str], args: argparse.Namespace, context: dict[str, str] | None = None
+                ) -> BackendResult:
+    backend_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port(HOST)
+    result_path = backend_dir / engine.result_filename
+    result_path.unlink(missing_ok=True)  # SGLang's client appends; a stale result must never be read back
+    server_cmd = (fake_server_command(engine, work, backend, port) if args.fake_server
+                  else engine.server_command(work, backend, port))
+    client_cmd = engine.client_command(work, port, result_path)
+    result = BackendResult(backend=backend, status="failed: not run", metrics={}, completed=None,
+                           num_prompts=work.num_prompts, server_command=shown(server_cmd, overrides),
+                           client_command=shown(client_cmd, overrides), context=dict(context or {}))
+    server = ServerProcess(server_cmd, env, backend_dir / "server.log")
+    try:
+        gpu.wait_until_memory_at_most(args.gpu_free_mib, args.gpu_free_timeout)
+        print(f"[e2e] {engine.name}/{backend}: starting server on port {port}", flush=True)
+        server.start()
+        (backend_dir / PGID_FILE).write_text(str(server.process.pid))
+        result.server_start_s = server.wait_healthy(f"http://{HOST}:{port}{engine.health_path}", args.server_timeout)
+        result.backend_in_log = engine.backend_in_log(server.log_path.read_text(encoding="utf-8", errors="replace"))
+        print(f"[e2e] {engine.name}/{backend}: healthy after {result.server_start_s:.0f} s; running client",
+              flush=True)
+        code = run_client(client_cmd, env, backend_dir / "client.log", args.client_timeout)
+        if code != 0:
+            raise RuntimeError(f"client exited with code {code}; log {backend_dir / 'client.log'}:\n"
+                               f"{log_tail(backend_dir / 'client.log')}")
+        result.metrics, result.completed = metrics_from_client(engine.read_result(result_path))
+        result.status = backend_status(backend, result)
+    except (ServerError, RuntimeError, TimeoutError, subprocess.TimeoutExpired, KeyError, ValueError, OSError) as error:
+        result.status = f"failed: {error}"
+    except Interrupted as error:
+        result.status = f"failed: interrupted ({error})"
+        raise
+    finally:
+        server.stop()
+        (backend_dir / PGID_FILE).unlink(missing_ok=True)
+        (backend_dir / BACKEND_FILE).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        wait_gpu_released(args)
+    print(f"[e2e] {engine.name}/{backend}: {result.status.splitlines()[0]}", flush=True)
+    return result
+
+
+def wait_gpu_released(args: argparse.Namespace) -> None:
+    """After a stop: the next server needs the memory back (the next start checks again and fails if not)."""
+    try:
+        gpu.wait_until_memory_at_most(args.gpu_free_mib, args.gpu_free_timeout)
+    except TimeoutError as error:
+        print(f"[e2e] warning: {error}", flush=True)
+
+
+def backend_status(requested: str, result: BackendResult) -> str:
+    """'ok' only if every prompt completed and the server's log does not name another backend."""
+    if result.backend_in_log is not None and result.backend_in_log.lower() != requested.lower():
+        return f"failed: asked for {requested}, the server log says {result.backend_in_log} ran"
+    if result.completed != result.num_prompts:
+        return f"failed: {result.completed} of {result.num_prompts} requests completed"
+    return "ok"
+
+
+def collected_results(engine: Engine, out_dir: Path) -> list[BackendResult]:
+    """Every backend.json under ``out_dir``, the engine's own backends first in its order, then any others."""
+    found = {path.parent.name: BackendResult.from_json(json.loads(path.read_text()))
+             for path in out_dir.glob(f"*/{BACKEND_FILE}")}
+    order = [b for b in engine.backends if b in found] + sorted(b for b in found if b not in engine.backends)
+    return [found[b] for b in order]
+
+
+def run_context(engine: Engine, work: Workload, env: dict[str, str], args: argparse.Namespace) -> dict[str, str]:
+    devices = gpu.device_names()
+    return {
+        "engine": f"{engine.name} {package_version(work.python, env, engine.package)}",
+        "engine-backend": package_version(work.python, env, "engine-backend"),
+        "device": "; ".join(devices) if devices else "no GPU found by nvidia-smi",
+        "model": f"{work.model} (dummy weights)",
+        "dataset": f"{work.dataset} (sha256 {file_digest(work.dataset)})",
+        "workload": f"{work.num_prompts} prompts at {work.request_rate:g} req/s, seed {work.seed}",
+        "python": work.python,
+        "PYTHONPATH": args.pythonpath or "(inherited)",
+        "updated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", required=True, choices=sorted(ENGINES))
+    parser.add_argument("--backends", help="comma-separated attention backends (default: all of the engine's)")
+    parser.add_argument("--out", required=True, help="run folder: per-backend files and results.md/json")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--dataset", default=str(DEFAULT_DATASET), help="ShareGPT slice (python -m e2e.sharegpt)")
+    parser.add_argument("--num-prompts", type=int, default=300)
+    parser.add_argument("--request-rate", type=float, default=16.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--python", default=sys.executable, help="interpreter that runs the engines")
+    parser.add_argument("--pythonpath", help="prepended to PYTHONPATH for servers and clients (the engines' site dir)")
+    parser.add_argument("--server-arg", action="append", default=[], dest="server_args",
+                        help="extra server argument, repeatable (e.g. --server-arg=--enforce-eager)")
+    parser.add_argument("--server-timeout", type=float, default=900.0, help="seconds to wait for health")
+    parser.add_argument("--client-timeout", type=float, default=900.0, help="seconds the client may run")
+    parser.add_argument("--gpu-free-mib", type=int, default=2048,
+                        help="GPU 0 counts as free at or below this many MiB in use")
+    parser.add_argument("--gpu-free-timeout", type=float, default=120.0)
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    parser.add_argument("--fake-server", action="store_true",
+                        help="serve with e2e/fake_server.py instead of the engine (checks the harness and the real "
+                             "clients without a GPU; the numbers measure nothing)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    engine = ENGINES[args.engine]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else list(engine.backends)
+    if not backends:
+        raise SystemExit("--backends names no backend")
+    work = Workload(python=args.python, model=Path(args.model).resolve(), dataset=Path(args.dataset).resolve(),
+                    num_prompts=args.num_prompts, request_rate=args.request_rate, seed=args.seed,
+                    server_args=tuple(args.server_args))
+    for path in (work.model, work.dataset):
+        if not path.exists():
+            raise SystemExit(f"missing {path}: run `python -m e2e.make_model` / `python -m e2e.sharegpt` first")
+    env, overrides = child_environment(args.pythonpath)
+    out_dir = Path(args.out).resolve()
+    if args.dry_run:
+        for backend in backends:
+            print(shown(engine.server_command(work, backend, 8000), overrides))
+            print(shown(engine.client_command(work, 8000, out_dir / backend / engine.result_filename), overrides))
+        return 0
+
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    context = run_context(engine, work, env, args)
+    title = f"Serving benchmark: {engine.name}, ShareGPT, {work.num_prompts} prompts at {work.request_rate:g} req/s"
+    if args.fake_server:
+        title = "[FAKE SERVER: harness check, not a measurement] " + title
+        context["server"] = "e2e/fake_server.py stand-in; these numbers measure nothing"
+    failures = 0
+    try:
+        for backend in backends:
+            reap_stale_server(out_dir / backend)
+            result = run_backend(engine, work, backend, out_dir / backend, env, overrides, args, context)
+            failures += result.status != "ok"
+            write_tables(out_dir, title, context, collected_results(engine, out_dir))
+    except Interrupted as error:
+        write_tables(out_dir, title, context, collected_results(engine, out_dir))
+        print(f"[e2e] interrupted by {error}; the server was stopped; partial results in {out_dir}", flush=True)
+        return 128 + signal.SIGTERM
+    md_path = out_dir / "results.md"
+    print(f"[e2e] results: {md_path}", flush=True)
+    print(md_path.read_text(), flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

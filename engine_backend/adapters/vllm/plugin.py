@@ -1,0 +1,34 @@
+"""``vllm.general_plugins`` entry point ``engine_backend``: registers ``CUSTOM``.
+
+vLLM runs every general plugin in each of its processes (API server, engine core, workers)
+before a backend is chosen, so ``register`` must be cheap, repeatable and free of CUDA:
+it only records the dotted path of the backend class in vLLM's registry. The backend
+module itself is imported by vLLM when ``--attention-backend CUSTOM`` is selected.
+"""
+
+from __future__ import annotations
+
+import logging
+
+BACKEND_CLASS_PATH = "engine_backend.adapters.vllm.backend.EngineBackendAttentionBackend"
+
+logger = logging.getLogger(__name__)
+
+
+def register() -> None:
+    """Point ``AttentionBackendEnum.CUSTOM`` at our backend, unless another plugin already
+    claimed it (then keep theirs and say so: overriding would depend on plugin order)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    custom = AttentionBackendEnum.CUSTOM
+    if custom.is_overridden():
+        current = custom.get_path()
+        if current != BACKEND_CLASS_PATH:
+            logger.warning(
+                "engine_backend: AttentionBackendEnum.CUSTOM is already registered to %s; "
+                "leaving it (engine_backend's backend is %s)",
+                current,
+                BACKEND_CLASS_PATH,
+            )
+        return
+    register_backend(custom, BACKEND_CLASS_PATH)

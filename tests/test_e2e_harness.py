@@ -1,0 +1,201 @@
+"""The serving harness's process handling and bookkeeping, run against e2e/fake_server.py (CPU only).
+
+The engines' servers need a GPU; the stand-in server exercises what the harness itself does: start in a new
+process group, wait for health, run the client, stop the whole group, and record results or the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from e2e import serve_bench
+from e2e.engines import ENGINES, SglangEngine, VllmEngine, Workload
+from e2e.server import ServerProcess, free_port, live_group_members
+
+FAKE_SERVER = Path(serve_bench.__file__).resolve().parent / "fake_server.py"
+NUM_PROMPTS = 3
+
+# A stand-in client: one real streamed request to the server, then a result file shaped like vLLM's.
+FAKE_CLIENT = r"""
+import json, sys, urllib.request
+port, result_path, completed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", method="POST",
+                                 data=json.dumps({"prompt": "hi there", "max_tokens": 4}).encode())
+chunks = [line for line in urllib.request.urlopen(request, timeout=30).read().decode().splitlines() if line]
+assert chunks[-1] == "data: [DONE]", chunks
+metrics = {k: float(i + 1) for i, k in enumerate(["mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+           "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "output_throughput", "request_throughput"])}
+json.dump({"completed": completed, "failed": 0, **metrics}, open(result_path, "w"))
+"""
+
+
+class FakeVllm(VllmEngine):
+    """vLLM's bookkeeping (result file, log check) with the stand-in server and client."""
+
+    def __init__(self, server_flags: tuple[str, ...] = (), log_backend: str | None = None,
+                 completed: int = NUM_PROMPTS, client_code: str = FAKE_CLIENT) -> None:
+        self.server_flags, self.log_backend = server_flags, log_backend
+        self.completed, self.client_code = completed, client_code
+
+    def server_command(self, work, backend, port):
+        return [sys.executable, str(FAKE_SERVER), "--protocol", "vllm", "--backend", self.log_backend or backend,
+                "--port", str(port), "--spawn-child", *self.server_flags]
+
+    def client_command(self, work, port, result_path):
+        return [sys.executable, "-c", self.client_code, str(port), str(result_path), str(self.completed)]
+
+
+def harness_args(**overrides) -> argparse.Namespace:
+    values = {"gpu_free_mib": 10**9, "gpu_free_timeout": 5.0, "server_timeout": 30.0, "client_timeout": 60.0,
+              "fake_server": False}
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def workload(tmp_path: Path) -> Workload:
+    return Workload(python=sys.executable, model=tmp_path, dataset=tmp_path / "slice.json", num_prompts=NUM_PROMPTS)
+
+
+def run(tmp_path: Path, engine, backend: str = "CUSTOM", **args):
+    env, overrides = serve_bench.child_environment(None)
+    return serve_bench.run_backend(engine, workload(tmp_path), backend, tmp_path / backend, env, overrides,
+                                   harness_args(**args))
+
+
+def child_pid(log_path: Path) -> int:
+    return int(re.search(r"child pid (\d+)", log_path.read_text()).group(1))
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def test_server_process_group_is_stopped_with_its_children(tmp_path):
+    port = free_port()
+    command = [sys.executable, str(FAKE_SERVER), "--protocol", "vllm", "--backend", "X", "--port", str(port),
+               "--spawn-child", "--healthy-after", "1.5"]
+    server = ServerProcess(command, dict(os.environ), tmp_path / "server.log")
+    server.start()
+    group = server.process.pid
+    try:
+        assert server.wait_healthy(f"http://127.0.0.1:{port}/health", timeout_s=30, poll_s=0.2) >= 1.5
+        child = child_pid(tmp_path / "server.log")
+        assert alive(child) and child in live_group_members(group)
+    finally:
+        server.stop(grace_s=10)
+    assert live_group_members(group) == [] and not alive(child)
+
+
+def test_backend_run_records_metrics_and_stops_everything(tmp_path):
+    result = run(tmp_path, FakeVllm())
+    assert result.status == "ok", result.status
+    assert result.completed == NUM_PROMPTS and result.metrics["p99_itl_ms"] == 8.0
+    assert result.backend_in_log == "CUSTOM" and result.server_start_s is not None
+    assert "--spawn-child" in result.server_command and "HF_HUB_OFFLINE=1" in result.client_command
+    assert not alive(child_pid(tmp_path / "CUSTOM" / "server.log"))
+    assert not (tmp_path / "CUSTOM" / serve_bench.PGID_FILE).exists()
+    saved = json.loads((tmp_path / "CUSTOM" / serve_bench.BACKEND_FILE).read_text())
+    assert saved["status"] == "ok" and saved["metrics"] == result.metrics
+
+
+def test_server_that_dies_fails_with_its_log_tail(tmp_path):
+    result = run(tmp_path, FakeVllm(server_flags=("--exit-code", "3")))
+    assert result.status.startswith("failed: server exited with code 3")
+    assert "failing on purpose" in result.status  # the log tail is part of the reason
+    assert result.metrics == {} and result.completed is None
+
+
+def test_server_that_never_gets_healthy_times_out_and_is_stopped(tmp_path):
+    started = time.monotonic()
+    result = run(tmp_path, FakeVllm(server_flags=("--healthy-after", "3600")), server_timeout=3.0)
+    assert "not healthy" in result.status and time.monotonic() - started < 60
+    assert not alive(child_pid(tmp_path / "CUSTOM" / "server.log"))
+
+
+def test_server_log_naming_another_backend_fails_the_run(tmp_path):
+    result = run(tmp_path, FakeVllm(log_backend="TRITON_ATTN"))
+    assert result.status == "failed: asked for CUSTOM, the server log says TRITON_ATTN ran"
+
+
+def test_incomplete_requests_fail_the_run(tmp_path):
+    result = run(tmp_path, FakeVllm(completed=NUM_PROMPTS - 1))
+    assert result.status == f"failed: {NUM_PROMPTS - 1} of {NUM_PROMPTS} requests completed"
+    assert result.metrics  # the numbers are still recorded
+
+
+def test_client_failure_fails_the_run_with_its_log(tmp_path):
+    result = run(tmp_path, FakeVllm(client_code="import sys; print('client broke'); sys.exit(2)"))
+    assert result.status.startswith("failed: client exited with code 2") and "client broke" in result.status
+
+
+def test_results_collect_in_engine_order_across_runs(tmp_path):
+    engine = FakeVllm()
+    for backend in ("TRITON_ATTN", "CUSTOM", "MY_EXTRA"):
+        run(tmp_path, engine, backend=backend)
+    assert [r.backend for r in serve_bench.collected_results(engine, tmp_path)] == ["CUSTOM", "TRITON_ATTN", "MY_EXTRA"]
+
+
+def test_pythonpath_is_prepended(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/already")
+    env, overrides = serve_bench.child_environment("/site")
+    assert env["PYTHONPATH"] == f"/site{os.pathsep}/already" == overrides["PYTHONPATH"]
+    assert env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_commands_use_the_flags_checked_against_the_engines(tmp_path):
+    work = Workload(python="python3", model=Path("/m"), dataset=Path("/d.json"))
+    vllm, sglang = ENGINES["vllm"], ENGINES["sglang"]
+    assert vllm.server_command(work, "CUSTOM", 8001)[:5] == ["python3", "-m", "vllm.entrypoints.cli.main", "serve", "/m"]
+    client = vllm.client_command(work, 8001, tmp_path / "r.json")
+    for flag in ("--dataset-name", "--dataset-path", "--num-prompts", "--request-rate", "--save-result",
+                 "--result-dir", "--result-filename", "--seed", "--ignore-eos"):
+        assert flag in client
+    assert client[client.index("--num-prompts") + 1] == "300" and client[client.index("--request-rate") + 1] == "16.0"
+    server = sglang.server_command(work, "engine_backend", 8002)
+    assert server[:3] == ["python3", "-m", "sglang.launch_server"]
+    assert server[server.index("--grammar-backend") + 1] == "none"
+    assert server[server.index("--load-format") + 1] == "dummy"
+    client = sglang.client_command(work, 8002, tmp_path / "r.jsonl")
+    assert client[:3] == ["python3", "-m", "sglang.bench_serving"]
+    assert client[client.index("--output-file") + 1] == str(tmp_path / "r.jsonl")
+
+
+@pytest.mark.parametrize("engine", [VllmEngine(), SglangEngine()])
+def test_log_check_finds_the_selected_backend(engine):
+    lines = {"vllm": "INFO 11-23 [cuda.py:422] Using AttentionBackendEnum.FLASHINFER backend.",
+             "sglang": "INFO server_args=ServerArgs(model_path='/m', attention_backend='fa3', "
+                       "decode_attention_backend=None)"}
+    assert engine.backend_in_log("noise\n" + lines[engine.name] + "\nmore") == {"vllm": "FLASHINFER",
+                                                                                 "sglang": "fa3"}[engine.name]
+    assert engine.backend_in_log("nothing about it") is None
+
+
+def test_server_left_by_an_interrupted_run_is_killed_before_the_next(tmp_path):
+    port = free_port()
+    server = ServerProcess([sys.executable, str(FAKE_SERVER), "--protocol", "vllm", "--backend", "X",
+                            "--port", str(port), "--spawn-child"], dict(os.environ), tmp_path / "server.log")
+    server.start()  # and never stopped by its harness, as after a SIGKILL
+    group = server.process.pid
+    (tmp_path / serve_bench.PGID_FILE).write_text(str(group))
+    deadline = time.monotonic() + 30
+    while len(live_group_members(group)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # wait for the child to exist
+    serve_bench.reap_stale_server(tmp_path)
+    server.process.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while live_group_members(group) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert live_group_members(group) == [] and not (tmp_path / serve_bench.PGID_FILE).exists()
