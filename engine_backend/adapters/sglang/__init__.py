@@ -1,0 +1,17 @@
+"""SGLang 0.5.16 attention backend ``engine_backend``.
+
+Modules, one concept each:
+
+* ``plugin``: the ``sglang.srt.plugins`` entry point (``register``): adds the backend name to
+  SGLang's attention-backend choices and registry. Cheap: imports no kernels and no CUDA.
+* ``compat``: what a model/server configuration must look like for this backend; refuses the
+  rest with one message naming every problem.
+* ``layout``: ForwardBatch -> ``BSR`` translation (pure torch, runs on CPU in tests).
+* ``kernels``: one BatchDecode/BatchPrefill pair per distinct layer shape; plan and run.
+* ``backend``: the ``AttentionBackend`` subclass SGLang's ModelRunner drives.
+* ``faults``: an opt-in fault (env var) that end-to-end checks use to prove they can fail.
+
+Importing this package imports nothing from SGLang; each module imports what it needs.
+"""
+
+BACKEND_NAME = "engine_backend"
