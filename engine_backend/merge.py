@@ -23,8 +23,9 @@ def _check(v: torch.Tensor, lse: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected v [N, H, D] and lse [N, H], got {tuple(v.shape)} and {tuple(lse.shape)}")
     if lse.dtype != torch.float32:
         raise ValueError(f"{name}: lse must be float32, got {lse.dtype}")
-    if v.shape[2] % 8 or v.stride(2) != 1:
-        raise ValueError(f"{name}: head dim must be a multiple of 8 and contiguous, got {v.shape[2]}")
+    if v.shape[2] % 8 or 256 % (v.shape[2] // 8) or v.stride(2) != 1:
+        # 8 elements a thread and 256 threads a block: a row must not span blocks.
+        raise ValueError(f"{name}: head dim must be 8 times a divisor of 256 (8..2048, e.g. 64/128/256) and contiguous, got {v.shape[2]}")
     # The kernels move 8 elements (16 bytes) at a time, so every (n, h) row must start 16-byte aligned.
     if v.data_ptr() % 16 or any(v.stride(i) % 8 for i in (0, 1) if v.shape[i] > 1):
         raise ValueError(f"{name}: v must be 16-byte aligned with strides a multiple of 8, got strides {v.stride()}")

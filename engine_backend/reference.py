@@ -113,7 +113,10 @@ def merge_state(
     w_a, w_b = torch.exp(lse_a - m_safe), torch.exp(lse_b - m_safe)
     total = w_a + w_b
     denom = torch.where(total > 0, total, torch.ones_like(total))
-    v = (v_a.to(compute) * w_a[..., None] + v_b.to(compute) * w_b[..., None]) / denom[..., None]
+    # An empty state (w = 0) contributes nothing, whatever its values hold (even NaN).
+    part_a = torch.where(w_a[..., None] > 0, v_a.to(compute) * w_a[..., None], 0.0)
+    part_b = torch.where(w_b[..., None] > 0, v_b.to(compute) * w_b[..., None], 0.0)
+    v = (part_a + part_b) / denom[..., None]
     lse = torch.where(total > 0, m_safe + torch.log(denom), torch.full_like(m, -math.inf))
     return v.to(v_a.dtype), lse.to(torch.float32 if compute == torch.float32 else compute)
 

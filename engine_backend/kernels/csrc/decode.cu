@@ -318,6 +318,7 @@ EB_DEVICE void write_piece(const DecodeParams& p, const Smem& sm, const HeadTile
     const int row = i / kChunks, c = i % kChunks;
     MergeAcc<8> acc;
     acc.init();
+#pragma unroll 4  // independent L2 loads of several pieces in flight
     for (int k = 0; k < pieces; ++k) {
       const long slot = long(slot0 + k) * hq + ht.h0 + row;
       const float4* src = reinterpret_cast<const float4*>(p.work_o + slot * D + c * 8);

@@ -42,17 +42,26 @@ EB_DEVICE void store_state(const StateView& out, const MergeAcc<8>& acc, const S
 
 __global__ void merge_pair_kernel(StateView a, StateView b, StateView out, int num, int heads, int head_dim) {
   Slot s;
-  if (!slot_of(num, heads, head_dim, s)) return;
+  const bool valid = slot_of(num, heads, head_dim, s);
+  Vec8<T> va, vb;
+  float lse_a = 0.f, lse_b = 0.f;
+  if (valid) {
+    va.load(v_at(a, s.n, s.h, s.d));
+    vb.load(v_at(b, s.n, s.h, s.d));
+    lse_a = lse2_at(a, s.n, s.h);
+    lse_b = lse2_at(b, s.n, s.h);
+  }
+  // In place, one thread of a row overwrites the lse the row's other threads read: every
+  // read of the block happens before any write (a row never spans blocks, see merge.py).
+  __syncthreads();
+  if (!valid) return;
   MergeAcc<8> acc;
   acc.init();
   float f[8];
-  Vec8<T> vec;
-  vec.load(v_at(a, s.n, s.h, s.d));
-  vec.to_float(f);
-  acc.add(f, lse2_at(a, s.n, s.h));
-  vec.load(v_at(b, s.n, s.h, s.d));
-  vec.to_float(f);
-  acc.add(f, lse2_at(b, s.n, s.h));
+  va.to_float(f);
+  acc.add(f, lse_a);
+  vb.to_float(f);
+  acc.add(f, lse_b);
   store_state(out, acc, s);
 }
 

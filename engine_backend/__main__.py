@@ -1,0 +1,5 @@
+"""``python -m engine_backend``: the self-check (see ``cli``)."""
+
+from .cli import main
+
+raise SystemExit(main())
