@@ -187,7 +187,7 @@ def test_bad_arguments_are_refused_before_any_launch():
         merge.merge_state(v, lse, v.bfloat16(), lse)
     with pytest.raises(ValueError, match="lse must be float32"):
         merge.merge_state(v, lse.double(), v, lse)
-    with pytest.raises(ValueError, match="head dim must be a multiple of 8"):
+    with pytest.raises(ValueError, match="head dim must be 8 times a divisor of 256"):
         merge.merge_state(v[..., :60], lse, v[..., :60], lse)
     with pytest.raises(ValueError, match=r"out: expected \(4, 2, 64\)"):
         merge.merge_state(v, lse, v, lse, out=v[:3], out_lse=lse[:3])

@@ -68,22 +68,32 @@ EB_DEVICE Segment segment_of(const DecodePlan& plan, const Range& r, int overhea
 // Walks this CTA's segments that hold tokens, sub-tile by sub-tile, for one warp: the
 // order in which that warp issues its loads (and later consumes them).
 struct SubTileCursor {
-  int row, rows_end, lo, hi, sub;  // sub-tile `sub` covers tokens lo + sub*16 ...
+  int row, lo, hi, sub;  // sub-tile `sub` covers tokens lo + sub*16 ... of the trimmed KV
+  int begin;             // the row's first KV token read (kv_begin)
+  const int32_t* pages;  // the row's page ids
+  int page;              // prefetched: this lane's page for token (lane & 15) of the sub-tile
   bool valid;
 
-  EB_DEVICE void seek(const DecodePlan& plan, const Range& r, int overhead, int rows, int b, int warp) {
-    for (; b < rows && plan.cost_start[b] < r.x1; ++b) {
-      Segment s = segment_of(plan, r, overhead, b);
-      if (s.has_tokens()) {
+  EB_DEVICE void seek(const DecodeParams& p, const Range& r, int rows, int b, int warp) {
+    for (; b < rows && p.plan.cost_start[b] < r.x1; ++b) {
+      Segment s = segment_of(p.plan, r, p.overhead, b);
+      if (s.has_tokens() && s.lo + warp * kSub < s.hi) {  // this warp has work in the segment
         row = b, lo = s.lo, hi = s.hi, sub = warp, valid = true;
-        if (lo + sub * kSub < hi) return;  // this warp has work in the segment
+        begin = p.plan.kv_begin[b];
+        pages = p.indices + p.plan.page_ptr[b];
+        return;
       }
     }
     valid = false;
   }
-  EB_DEVICE void advance(const DecodePlan& plan, const Range& r, int overhead, int rows, int warp) {
+  EB_DEVICE void advance(const DecodeParams& p, const Range& r, int rows, int warp) {
     sub += kWarps;
-    if (lo + sub * kSub >= hi) seek(plan, r, overhead, rows, row + 1, warp);
+    if (lo + sub * kSub >= hi) seek(p, r, rows, row + 1, warp);
+  }
+  // Start the load of the page ids the next issue needs; its latency hides behind a compute.
+  EB_DEVICE void prefetch_page(const DecodeParams& p, int lane) {
+    const int tok = lo + sub * kSub + (lane & 15);
+    page = valid && tok < hi ? pages[(begin + tok) >> p.log2_page] : 0;
   }
 };
 
@@ -113,12 +123,8 @@ struct HeadTile {
 EB_DEVICE void issue_sub_tile(const DecodeParams& p, const Smem& sm, const SubTileCursor& cur, int stage, int warp,
                               int lane, int kv_head) {
   if (cur.valid) {
-    const int begin = p.plan.kv_begin[cur.row] + cur.lo + cur.sub * kSub;  // first token of the sub-tile
-    const int end = p.plan.kv_begin[cur.row] + cur.hi;
-    const int32_t* pages = p.indices + p.plan.page_ptr[cur.row];
-    // Lanes 0..15 look up the page of token `lane`; the others fetch it by shuffle.
-    const int my_tok = begin + (lane & 15);
-    const int my_page = my_tok < end ? pages[my_tok >> p.log2_page] : 0;
+    const int first = cur.begin + cur.lo + cur.sub * kSub;  // first token of the sub-tile
+    const int end = cur.begin + cur.hi;
     constexpr int kLanesPerRow = kChunks < 32 ? kChunks : 32;
     constexpr int kRowsPerPass = 32 / kLanesPerRow;
     const int chunk = lane % kLanesPerRow;
@@ -127,8 +133,8 @@ EB_DEVICE void issue_sub_tile(const DecodeParams& p, const Smem& sm, const SubTi
 #pragma unroll
     for (int pass = 0; pass < kSub / kRowsPerPass; ++pass) {
       const int row = pass * kRowsPerPass + lane / kLanesPerRow;
-      const int tok = begin + row;
-      const int page = __shfl_sync(0xffffffff, my_page, row);
+      const int tok = first + row;
+      const long page = __shfl_sync(0xffffffff, cur.page, row);  // lane `row` prefetched it
       const bool valid = tok < end;
       const long in_page = tok & ((1 << p.log2_page) - 1);
       const T* k = static_cast<const T*>(p.k) + page * p.k_stride_page + in_page * p.k_stride_tok +
@@ -143,6 +149,16 @@ EB_DEVICE void issue_sub_tile(const DecodeParams& p, const Smem& sm, const SubTi
     }
   }
   cp_async_commit();  // empty groups keep the wait counts uniform
+}
+
+// Issue the cursor's sub-tile, step the cursor and prefetch the page ids of its next one.
+EB_DEVICE void issue_and_advance(const DecodeParams& p, const Smem& sm, SubTileCursor& cur, const Range& r, int rows,
+                                 int stage, int warp, int lane, int kv_head) {
+  issue_sub_tile(p, sm, cur, stage, warp, lane, kv_head);
+  if (cur.valid) {
+    cur.advance(p, r, rows, warp);
+    cur.prefetch_page(p, lane);
+  }
 }
 
 // Running softmax state of one warp: rows g and g+8 of the tile (g = lane / 4).
@@ -358,11 +374,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) decode_kernel(const Decode
   for (int i = threadIdx.x; i < kRows * kOStride; i += kThreads) sm.o[i] = 0.f;
   const int first = p.plan.first_row[c];
   SubTileCursor issue;
-  issue.seek(p.plan, r, p.overhead, rows, first, warp);
-  for (int s = 0; s < kStages - 1; ++s) {
-    issue_sub_tile(p, sm, issue, s, warp, lane, ht.kv_head);
-    if (issue.valid) issue.advance(p.plan, r, p.overhead, rows, warp);
-  }
+  issue.seek(p, r, rows, first, warp);
+  issue.prefetch_page(p, lane);
+  for (int s = 0; s < kStages - 1; ++s) issue_and_advance(p, sm, issue, r, rows, s, warp, lane, ht.kv_head);
   int stage = 0;
 
   typename Var::Row vrow[2];
@@ -383,8 +397,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) decode_kernel(const Decode
       // the stage consumed by the previous iteration, before computing, to keep them in flight.
       cp_async_wait<kStages - 2>();
       __syncwarp();
-      issue_sub_tile(p, sm, issue, (stage + kStages - 1) % kStages, warp, lane, ht.kv_head);
-      if (issue.valid) issue.advance(p.plan, r, p.overhead, rows, warp);
+      issue_and_advance(p, sm, issue, r, rows, (stage + kStages - 1) % kStages, warp, lane, ht.kv_head);
       const int tok0 = begin + seg.lo + j * kSub;
       compute_sub_tile(p, sm, st, warp, stage, lane, tok0, begin + seg.hi, q_pos, vrow);
       stage = (stage + 1) % kStages;

@@ -26,7 +26,7 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kM = 16 * kWarps;   // packed query rows per tile
 constexpr int kN = D == 256 ? 32 : 64;  // KV tokens per tile
 constexpr int kChunks = D / 8;
-constexpr int kStages = 2;
+constexpr int kStages = 3;  // K/V tiles in shared memory: two in flight while one is computed
 constexpr int kTileBytes = kN * D * 2;
 constexpr int kSmemQ = kM * D * 2;
 constexpr int kSmemBytes = kSmemQ + kStages * 2 * kTileBytes;
@@ -69,20 +69,45 @@ EB_DEVICE void issue_q(const PrefillParams& p, const Tile& tl, uint8_t* sq, int 
   }
 }
 
+// Each thread copies kLoads 16-byte chunks of a K (and of a V) tile: chunk i of the tile is
+// row i / kChunks, column i % kChunks, for i = threadIdx.x + j * kThreads.
+constexpr int kLoads = kN * kChunks / kThreads;
+static_assert(kN * kChunks % kThreads == 0, "tile chunks must divide evenly among threads");
+
+// Page ids of the rows this thread copies in the tile starting at `first`: loaded one tile
+// ahead, so the lookup's latency hides behind a tile of MMAs instead of stalling the copy.
+struct TilePages {
+  int page[kLoads];
+  EB_DEVICE void load(const PrefillParams& p, const Tile& tl, int first) {
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) {
+      const int tok = first + threadIdx.x / kChunks + j * (kThreads / kChunks);
+      page[j] = tok < tl.kv_end ? tl.pages[tok >> p.log2_page] : 0;
+    }
+  }
+};
+
 // One K/V tile (kN tokens from `first`) -> shared memory; tokens at or past kv_end are zeros.
-EB_DEVICE void issue_kv(const PrefillParams& p, const Tile& tl, uint8_t* sk, uint8_t* sv, int first, int kv_head) {
+// A thread always copies the same column chunk (kThreads is a multiple of kChunks), of rows
+// kRowStep apart, so only the page and token offsets change per load.
+constexpr int kRowStep = kThreads / kChunks;
+static_assert(kThreads % kChunks == 0, "each thread keeps one column chunk");
+
+EB_DEVICE void issue_kv(const PrefillParams& p, const Tile& tl, const TilePages& pg, uint8_t* sk, uint8_t* sv,
+                        int first, int kv_head) {
+  const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+  const T* kcol = static_cast<const T*>(p.k) + long(kv_head) * p.k_stride_head + c * 8;
+  const T* vcol = static_cast<const T*>(p.v) + long(kv_head) * p.v_stride_head + c * 8;
   const uint32_t kb = smem_addr(sk), vb = smem_addr(sv);
   const int page_mask = (1 << p.log2_page) - 1;
-  for (int i = threadIdx.x; i < kN * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = i % kChunks;
+#pragma unroll
+  for (int j = 0; j < kLoads; ++j) {
+    const int r = r0 + j * kRowStep;
     const int tok = first + r;
     const bool valid = tok < tl.kv_end;
-    const long page = valid ? tl.pages[tok >> p.log2_page] : 0;
-    const long in_page = tok & page_mask;
-    const T* k = static_cast<const T*>(p.k) + page * p.k_stride_page + in_page * p.k_stride_tok +
-                 long(kv_head) * p.k_stride_head + c * 8;
-    const T* v = static_cast<const T*>(p.v) + page * p.v_stride_page + in_page * p.v_stride_tok +
-                 long(kv_head) * p.v_stride_head + c * 8;
+    const int in_page = tok & page_mask;
+    const T* k = kcol + pg.page[j] * p.k_stride_page + in_page * int(p.k_stride_tok);
+    const T* v = vcol + pg.page[j] * p.v_stride_page + in_page * int(p.v_stride_tok);
     cp_async_16(kb + swizzle<kChunks>(r, c), k, valid);
     cp_async_16(vb + swizzle<kChunks>(r, c), v, valid);
   }
@@ -95,6 +120,78 @@ struct LaneRows {
   bool valid[2];
   typename Var::Row var[2];
 };
+
+// One K/V tile against the warp's 16 query rows: S = Q K^T, the variant's scores (masked only
+// on tiles that cross the causal diagonal, the KV end or the window edge: kMask), online
+// softmax, O += P V. Two specializations keep the mask's per-element code out of the
+// common, unmasked tiles.
+template <bool kMask>
+EB_DEVICE void attend_tile(const PrefillParams& p, const Tile& tl, const LaneRows& lr, const uint32_t (&qa)[D / 16][4],
+                           float (&o)[D / 8][4], float (&m)[2], float (&l)[2], uint32_t kbase, uint32_t vbase,
+                           int first, int lane) {
+  float s[kN / 8][4];
+#pragma unroll
+  for (int n = 0; n < kN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < kN / 16; ++np) {
+      uint32_t kb[4];
+      ldmatrix_x4(kb, kbase + swizzle<kChunks>(np * 16 + (lane % 8) + 8 * (lane / 16), 2 * kk + (lane / 8) % 2));
+      mma_16816<T>(s[2 * np], qa[kk], kb);
+      mma_16816<T>(s[2 * np + 1], qa[kk], kb + 2);
+    }
+  }
+  float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+#pragma unroll
+  for (int n = 0; n < kN / 8; ++n) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = i / 2;
+      const int kp = first + 8 * n + 2 * (lane % 4) + (i % 2);
+      float x = Var::score(s[n][i], lr.var[r], lr.qp[r], kp);
+      if (kMask && (kp >= tl.kv_len || !Var::visible(p.variant, p.causal, lr.qp[r], kp))) x = -CUDART_INF_F;
+      s[n][i] = x;
+      row_max[r] = fmaxf(row_max[r], x);
+    }
+  }
+  float rescale[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float m_new = fmaxf(m[r], quad_max(row_max[r]));
+    const float base = m_new == -CUDART_INF_F ? 0.f : m_new;
+    rescale[r] = fast_exp2(m[r] - base);
+    m[r] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < kN / 8; ++n) {
+      s[n][2 * r] = fast_exp2(s[n][2 * r] - base);
+      s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
+      sum += s[n][2 * r] + s[n][2 * r + 1];
+    }
+    l[r] = l[r] * rescale[r] + sum;
+  }
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    o[dt][0] *= rescale[0];
+    o[dt][1] *= rescale[0];
+    o[dt][2] *= rescale[1];
+    o[dt][3] *= rescale[1];
+  }
+#pragma unroll
+  for (int kt = 0; kt < kN / 16; ++kt) {
+    const uint32_t pa[4] = {pack2<T>(s[2 * kt][0], s[2 * kt][1]), pack2<T>(s[2 * kt][2], s[2 * kt][3]),
+                            pack2<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]),
+                            pack2<T>(s[2 * kt + 1][2], s[2 * kt + 1][3])};
+#pragma unroll
+    for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+      uint32_t vb[4];
+      ldmatrix_x4_trans(vb, vbase + swizzle<kChunks>(kt * 16 + (lane % 8) + 8 * ((lane / 8) % 2), 2 * dt2 + lane / 16));
+      mma_16816<T>(o[2 * dt2], pa, vb);
+      mma_16816<T>(o[2 * dt2 + 1], pa, vb + 2);
+    }
+  }
+}
 
 __global__ void __launch_bounds__(kThreads, kWarps == 4 && D <= 128 ? 2 : 1) prefill_kernel(const PrefillParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
@@ -112,8 +209,13 @@ __global__ void __launch_bounds__(kThreads, kWarps == 4 && D <= 128 ? 2 : 1) pre
   const int n_tiles = (tl.kv_end - tl.kv_begin + kN - 1) / kN;
   issue_q(p, tl, sq, kv_head, group);
   cp_async_commit();
-  if (n_tiles > 0) issue_kv(p, tl, sk(0), sv(0), tl.kv_begin, kv_head);
-  cp_async_commit();
+  TilePages pages;
+  for (int s = 0; s < kStages - 1; ++s) {  // prologue: tiles 0 .. kStages-2
+    pages.load(p, tl, tl.kv_begin + s * kN);
+    if (s < n_tiles) issue_kv(p, tl, pages, sk(s), sv(s), tl.kv_begin + s * kN, kv_head);
+    cp_async_commit();
+  }
+  pages.load(p, tl, tl.kv_begin + (kStages - 1) * kN);
 
   LaneRows lr;
 #pragma unroll
@@ -126,7 +228,7 @@ __global__ void __launch_bounds__(kThreads, kWarps == 4 && D <= 128 ? 2 : 1) pre
     lr.var[i] = Var::row(p.variant, lr.head[i]);
   }
 
-  cp_async_wait<1>();  // Q has landed
+  cp_async_wait<kStages - 1>();  // Q has landed
   __syncthreads();
   uint32_t qa[D / 16][4];
 #pragma unroll
@@ -145,76 +247,21 @@ __global__ void __launch_bounds__(kThreads, kWarps == 4 && D <= 128 ? 2 : 1) pre
   for (int j = 0; j < n_tiles; ++j) {
     const int stage = j % kStages;
     const int first = tl.kv_begin + j * kN;
-    cp_async_wait<0>();
+    cp_async_wait<kStages - 2>();
     __syncthreads();  // tile j is visible to all; everyone is done with tile j-1's stage
-    if (j + 1 < n_tiles) issue_kv(p, tl, sk((j + 1) % kStages), sv((j + 1) % kStages), first + kN, kv_head);
+    const int ahead = j + kStages - 1;  // the tile loaded into the stage tile j-1 used
+    if (ahead < n_tiles) issue_kv(p, tl, pages, sk(ahead % kStages), sv(ahead % kStages), first + (kStages - 1) * kN, kv_head);
     cp_async_commit();
+    if (ahead + 1 < n_tiles) pages.load(p, tl, first + kStages * kN);
 
-    float s[kN / 8][4];
-#pragma unroll
-    for (int n = 0; n < kN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
     const uint32_t kbase = smem_addr(sk(stage)), vbase = smem_addr(sv(stage));
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int np = 0; np < kN / 16; ++np) {
-        uint32_t kb[4];
-        ldmatrix_x4(kb, kbase + swizzle<kChunks>(np * 16 + (lane % 8) + 8 * (lane / 16), 2 * kk + (lane / 8) % 2));
-        mma_16816<T>(s[2 * np], qa[kk], kb);
-        mma_16816<T>(s[2 * np + 1], qa[kk], kb + 2);
-      }
-    }
     const bool masked = first + kN > clean_end || (Var::window && first < last_qp - p.variant.window_left);
-    float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
-#pragma unroll
-    for (int n = 0; n < kN / 8; ++n) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = i / 2;
-        const int kp = first + 8 * n + 2 * (lane % 4) + (i % 2);
-        float x = Var::score(s[n][i], lr.var[r], lr.qp[r], kp);
-        if (masked && (kp >= tl.kv_len || !Var::visible(p.variant, p.causal, lr.qp[r], kp))) x = -CUDART_INF_F;
-        s[n][i] = x;
-        row_max[r] = fmaxf(row_max[r], x);
-      }
+    if (masked) {
+      attend_tile<true>(p, tl, lr, qa, o, m, l, kbase, vbase, first, lane);
+    } else {
+      attend_tile<false>(p, tl, lr, qa, o, m, l, kbase, vbase, first, lane);
     }
-    float rescale[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float m_new = fmaxf(m[r], quad_max(row_max[r]));
-      const float base = m_new == -CUDART_INF_F ? 0.f : m_new;
-      rescale[r] = fast_exp2(m[r] - base);
-      m[r] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int n = 0; n < kN / 8; ++n) {
-        s[n][2 * r] = fast_exp2(s[n][2 * r] - base);
-        s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
-        sum += s[n][2 * r] + s[n][2 * r + 1];
-      }
-      l[r] = l[r] * rescale[r] + sum;
-    }
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      o[dt][0] *= rescale[0];
-      o[dt][1] *= rescale[0];
-      o[dt][2] *= rescale[1];
-      o[dt][3] *= rescale[1];
-    }
-#pragma unroll
-    for (int kt = 0; kt < kN / 16; ++kt) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kt][0], s[2 * kt][1]), pack2<T>(s[2 * kt][2], s[2 * kt][3]),
-                              pack2<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]),
-                              pack2<T>(s[2 * kt + 1][2], s[2 * kt + 1][3])};
-#pragma unroll
-      for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-        uint32_t vb[4];
-        ldmatrix_x4_trans(vb, vbase + swizzle<kChunks>(kt * 16 + (lane % 8) + 8 * ((lane / 8) % 2), 2 * dt2 + lane / 16));
-        mma_16816<T>(o[2 * dt2], pa, vb);
-        mma_16816<T>(o[2 * dt2 + 1], pa, vb + 2);
-      }
-    }
-  }
+}
   cp_async_wait<0>();
 
   // Epilogue: normalise and store this lane's two rows; lse in natural log.

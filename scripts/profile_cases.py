@@ -1,0 +1,18 @@
+import sys, torch
+sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".")
+from engine_backend import BSR
+from engine_backend.decode import BatchDecode
+from engine_backend.prefill import BatchPrefill
+from bench_decode import make_batch
+which = sys.argv[1]
+if which == "decode":
+    q, k, v, table, seq = make_batch([1024] * 16)
+    dec = BatchDecode(32, 8, 128, 16, max_batch_size=256); dec.plan(BSR.from_block_table(table, seq, 16))
+    for _ in range(3): dec.run(q, k, v)
+else:
+    t = 8192
+    q = torch.randn(t, 32, 128, dtype=torch.bfloat16, device="cuda"); k = torch.randn(t, 8, 128, dtype=torch.bfloat16, device="cuda"); v = torch.randn_like(k)
+    pre = BatchPrefill(32, 8, 128, 1, max_batch_size=1, max_num_tokens=t)
+    pre.plan(BSR.from_ragged(torch.tensor([0, t], dtype=torch.int32, device="cuda"), t))
+    for _ in range(3): pre.run(q, k.unsqueeze(1), v.unsqueeze(1))
+torch.cuda.synchronize()
