@@ -41,9 +41,6 @@ constexpr int kMinCtas = D == 256 ? 1 : 2;  // CTAs per SM the shared memory all
 // ------------------------------------------------------------------------- cost space
 struct Range {
   long x0, x1;  // this CTA's cost range
-  long total;   // T
-  int ctas;     // G (CTAs actually used)
-  EB_DEVICE int cta_of(long pos) const { return int(((pos + 1) * ctas - 1) / total); }
 };
 
 // The part of request b this CTA reads, in tokens of the trimmed KV [lo, hi).
@@ -355,13 +352,11 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) decode_kernel(const Decode
   extern __shared__ __align__(128) uint8_t smem_raw[];
   const Smem sm(smem_raw);
   const int rows = p.plan.header[0];
-  Range r;
-  r.total = p.plan.header[1];
-  r.ctas = p.plan.header[2];
   const int c = blockIdx.x;
-  if (c >= r.ctas) return;
-  r.x0 = long(c) * r.total / r.ctas;
-  r.x1 = long(c + 1) * r.total / r.ctas;
+  if (c >= p.plan.header[2]) return;
+  Range r;
+  r.x0 = p.plan.cta_start[c];
+  r.x1 = p.plan.cta_start[c + 1];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = p.num_qo_heads / p.num_kv_heads;
@@ -403,13 +398,11 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) decode_kernel(const Decode
       stage = (stage + 1) % kStages;
     }
     merge_warps(sm, st, warp, lane);
-    const Range& rr = r;
-    const long tok_start = long(p.plan.cost_start[b]) + p.overhead;
-    const int pieces = seg.len == 0 ? 1 : rr.cta_of(tok_start + seg.len - 1) - rr.cta_of(tok_start) + 1;
+    const int pieces = p.plan.pieces[b];
     if (pieces == 1) {
       write_output(p, sm, ht, b);
     } else {
-      write_piece(p, sm, ht, b, c - rr.cta_of(tok_start), pieces, blockIdx.y);
+      write_piece(p, sm, ht, b, c - p.plan.first_cta[b], pieces, blockIdx.y);
     }
     __syncthreads();
     for (int i = threadIdx.x; i < kRows * kOStride; i += kThreads) sm.o[i] = 0.f;
@@ -457,9 +450,28 @@ __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t
     plan.header[2] = used;
   }
   __syncthreads();
-  // 2. First request each CTA touches: the first b whose cost range ends after the CTA's start.
+  // 2. CTA boundaries: equal shares of T, each moved onto a request boundary within a quarter
+  //    share (boundaries stay strictly increasing: shares are at least 4 apart when it moves).
+  const long share = used > 0 ? long(total) / used : 0;
+  const long snap = share / 4;
+  for (int c = tid; used > 0 && c <= used; c += kPlanThreads) {
+    long x = long(c) * total / used;  // used > 0 here: the loop is empty otherwise
+    if (c > 0 && c < used && snap > 0) {
+      int lo = 0, hi = rows;  // first b with cost_start[b] >= x
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (plan.cost_start[mid] >= x) hi = mid; else lo = mid + 1;
+      }
+      const long above = plan.cost_start[lo], below = lo > 0 ? plan.cost_start[lo - 1] : -snap - 1;
+      if (above - x <= snap && above - x <= x - below) x = above;
+      else if (x - below <= snap) x = below;
+    }
+    plan.cta_start[c] = int(x);
+  }
+  __syncthreads();
+  // 3. First request each CTA touches: the first b whose cost range ends after the CTA's start.
   for (int c = tid; c < used; c += kPlanThreads) {
-    const long x0 = long(c) * total / used;
+    const long x0 = plan.cta_start[c];
     int lo = 0, hi = rows - 1;
     while (lo < hi) {
       const int mid = (lo + hi) / 2;
@@ -467,7 +479,15 @@ __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t
     }
     plan.first_row[c] = lo;
   }
-  // 3. Partial-state slots of requests cut into pieces.
+  // 4. Pieces of every request and partial-state slots of those cut into several.
+  auto cta_of = [&](long pos) {  // the CTA whose range holds cost position pos
+    int lo = 0, hi = used - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (plan.cta_start[mid] <= pos) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+  };
   if (tid == 0) carry = 0;
   __syncthreads();
   for (int base = 0; base < rows; base += kPlanThreads) {
@@ -476,8 +496,10 @@ __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t
     if (b < rows && used > 0) {
       const long tok0 = long(plan.cost_start[b]) + overhead;
       const int len = plan.kv_len[b];
-      auto cta_of = [&](long pos) { return int(((pos + 1) * used - 1) / total); };
-      pieces = len == 0 ? 1 : cta_of(tok0 + len - 1) - cta_of(tok0) + 1;
+      const int first = cta_of(len == 0 ? plan.cost_start[b] : tok0);
+      pieces = len == 0 ? 1 : cta_of(tok0 + len - 1) - first + 1;
+      plan.first_cta[b] = first;
+      plan.pieces[b] = pieces;
     }
     int x, sum;
     PlanScan(scan).ExclusiveSum(pieces > 1 ? pieces : 0, x, sum);

@@ -12,16 +12,21 @@ namespace eb {
 //
 // Cost model: request b costs kv_len'[b] + overhead "token units" (kv_len' = tokens actually
 // read; a sliding window trims the rest). Requests are laid end to end in cost space, overhead
-// first, and CTA c of every head tile takes the range [c*T/G, (c+1)*T/G): long and short
-// requests alike are cut so that every CTA streams the same amount of KV. A request cut
-// into several pieces has each piece's partial state merged by the CTA that finishes last.
+// first, and CTA c of every head tile takes the range [cta_start[c], cta_start[c+1]), about
+// T/G each: long and short requests alike are cut so that every CTA streams the same amount of
+// KV. A boundary that falls within a quarter share of a request boundary moves onto it, so a
+// uniform batch is cut into equal pieces instead of leaving slivers of the next request. A
+// request cut into several pieces has their partial states merged by the CTA that finishes last.
 struct DecodePlan {
   int32_t* header;      // [4] rows, total cost T, CTAs used G, total pieces
   int32_t* cost_start;  // [max_rows + 1] start of request b in cost space
   int32_t* kv_begin;    // [max_rows] first KV token read
   int32_t* kv_len;      // [max_rows] KV tokens read
   int32_t* page_ptr;    // [max_rows] the BSR indptr entry of request b
+  int32_t* cta_start;   // [ctas + 1] cost range of each CTA
   int32_t* first_row;   // [ctas] first request CTA c touches
+  int32_t* first_cta;   // [max_rows] CTA holding the request's first token
+  int32_t* pieces;      // [max_rows] CTAs the request is cut across
   int32_t* piece_base;  // [max_rows] first partial-state slot of a request cut into pieces
   int32_t* semaphores;  // [max_rows * head_tiles_total] pieces finished, reset by the last one
 };
