@@ -39,3 +39,29 @@ def check_rows(name: str, t: torch.Tensor, rows: int, heads: int, head_dim: int,
         raise ValueError(f"{name} has dtype {t.dtype}, expected {dtype}")
     if not t.is_cuda or t.stride(2) != 1 or t.data_ptr() % 16 or t.stride(0) % 8 or t.stride(1) % 8:
         raise ValueError(f"{name} must be a CUDA tensor with a contiguous, 16-byte aligned head dim")
+
+
+def check_plan_input(kv, *, max_batch_size: int, page_size: int, device) -> None:
+    """A BSR a wrapper can plan: within its batch capacity, page size and device."""
+    if kv.num_rows > max_batch_size:
+        raise ValueError(f"batch of {kv.num_rows} requests exceeds max_batch_size={max_batch_size}")
+    if kv.page_size != page_size:
+        raise ValueError(f"BSR page size {kv.page_size} differs from this wrapper's {page_size}")
+    if kv.device != device:
+        raise ValueError(f"BSR is on {kv.device}, the wrapper on {device}")
+
+
+def check_run_inputs(q, k_cache, v_cache, out, *, rows: int, heads: int, kv_heads: int, head_dim: int,
+                     page_size: int, dtype, alibi: bool, alibi_slopes):
+    """Validate a run() call before any launch; returns ``out`` (allocated if None) and the
+    ALiBi slopes the kernel should see (None unless the variant has ALiBi)."""
+    check_rows("q", q, rows, heads, head_dim, dtype)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_paged(name, cache, page_size, kv_heads, head_dim, dtype)
+    out = torch.empty_like(q) if out is None else out
+    check_rows("out", out, max(rows, q.shape[0]), heads, head_dim, dtype)
+    if not alibi:
+        return out, None
+    if alibi_slopes is None or alibi_slopes.shape != (heads,) or alibi_slopes.dtype != torch.float32:
+        raise ValueError(f"this ALiBi variant needs alibi_slopes: float32 [{heads}]")
+    return out, alibi_slopes

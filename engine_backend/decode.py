@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .cache import check_paged, check_rows
+from .cache import check_plan_input, check_run_inputs
 from .format import BSR
 from .kernels import dtype_params, jit
 from .support import check_supported
@@ -86,12 +86,7 @@ class BatchDecode:
 
     def plan(self, kv: BSR) -> None:
         """Split the work of this batch; rows of ``kv`` are the decode requests."""
-        if kv.num_rows > self.max_batch_size:
-            raise ValueError(f"batch of {kv.num_rows} requests exceeds max_batch_size={self.max_batch_size}")
-        if kv.page_size != self.page_size:
-            raise ValueError(f"BSR page size {kv.page_size} differs from this wrapper's {self.page_size}")
-        if kv.device != self.device:
-            raise ValueError(f"BSR is on {kv.device}, the wrapper on {self.device}")
+        check_plan_input(kv, max_batch_size=self.max_batch_size, page_size=self.page_size, device=self.device)
         window = self.variant.window_left
         tiles = self.num_kv_heads * self.head_tiles
         self._ops.plan(kv.indptr, kv.kv_lens, self._plan, self.max_batch_size, self.ctas, tiles, REQUEST_OVERHEAD, window)
@@ -110,18 +105,15 @@ class BatchDecode:
         """Attention of ``q [rows, Hq, D]`` over the planned KV; returns ``out`` (and ``lse``)."""
         if self._indices is None:
             raise RuntimeError("BatchDecode.run() called before plan()")
-        hq, d = self.num_qo_heads, self.head_dim
-        check_rows("q", q, self._rows, hq, d, self.dtype)
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            check_paged(name, cache, self.page_size, self.num_kv_heads, d, self.dtype)
-        out = torch.empty_like(q) if out is None else out
-        check_rows("out", out, self._rows, hq, d, self.dtype)
+        hq = self.num_qo_heads
+        out, alibi = check_run_inputs(
+            q, k_cache, v_cache, out, rows=self._rows, heads=hq, kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            page_size=self.page_size, dtype=self.dtype, alibi=self.variant.alibi, alibi_slopes=alibi_slopes,
+        )
         lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device) if return_lse else None
-        if self.variant.alibi and (alibi_slopes is None or alibi_slopes.shape != (hq,) or alibi_slopes.dtype != torch.float32):
-            raise ValueError(f"this ALiBi variant needs alibi_slopes: float32 [{hq}]")
         self._ops.run(
             q, k_cache, v_cache, self._indices, self._plan, self._work_o, self._work_lse, out, lse,
-            alibi_slopes if self.variant.alibi else None, self.max_batch_size, self.ctas, self.head_tiles,
+            alibi, self.max_batch_size, self.ctas, self.head_tiles,
             self.page_size, REQUEST_OVERHEAD, self.sm_scale, self.variant.logits_soft_cap, self.variant.window_left,
         )
         return (out, lse) if return_lse else out

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .cache import check_paged, check_rows
+from .cache import check_plan_input, check_run_inputs
 from .decode import _cuda_device
 from .format import BSR
 from .kernels import dtype_params, jit
@@ -82,12 +82,7 @@ class BatchPrefill:
         return -(-tokens * self.group // self.tile_rows) + rows
 
     def plan(self, kv: BSR) -> None:
-        if kv.num_rows > self.max_batch_size:
-            raise ValueError(f"batch of {kv.num_rows} requests exceeds max_batch_size={self.max_batch_size}")
-        if kv.page_size != self.page_size:
-            raise ValueError(f"BSR page size {kv.page_size} differs from this wrapper's {self.page_size}")
-        if kv.device != self.device:
-            raise ValueError(f"BSR is on {kv.device}, the wrapper on {self.device}")
+        check_plan_input(kv, max_batch_size=self.max_batch_size, page_size=self.page_size, device=self.device)
         self._ops.plan(kv.qo_indptr, kv.indptr, kv.kv_lens, self._plan, self.max_batch_size, self.max_tiles, self.group)
         self._indices, self._rows = kv.indices, kv.num_rows
 
@@ -108,17 +103,14 @@ class BatchPrefill:
         tokens = q.shape[0]
         if tokens > self.max_num_tokens:
             raise ValueError(f"{tokens} query tokens exceed max_num_tokens={self.max_num_tokens}")
-        check_rows("q", q, 0, hq, d, self.dtype)
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            check_paged(name, cache, self.page_size, self.num_kv_heads, d, self.dtype)
-        out = torch.empty_like(q) if out is None else out
-        check_rows("out", out, tokens, hq, d, self.dtype)
+        out, alibi = check_run_inputs(
+            q, k_cache, v_cache, out, rows=tokens, heads=hq, kv_heads=self.num_kv_heads, head_dim=d,
+            page_size=self.page_size, dtype=self.dtype, alibi=self.variant.alibi, alibi_slopes=alibi_slopes,
+        )
         lse = torch.empty(tokens, hq, dtype=torch.float32, device=q.device) if return_lse else None
-        if self.variant.alibi and (alibi_slopes is None or alibi_slopes.shape != (hq,) or alibi_slopes.dtype != torch.float32):
-            raise ValueError(f"this ALiBi variant needs alibi_slopes: float32 [{hq}]")
         launch_tiles = min(self._tiles_bound(tokens, self._rows), self.max_tiles)
         self._ops.run(
-            q, k_cache, v_cache, self._indices, self._plan, out, lse, alibi_slopes if self.variant.alibi else None,
+            q, k_cache, v_cache, self._indices, self._plan, out, lse, alibi,
             self.max_batch_size, self.max_tiles, launch_tiles, self.page_size, self.causal, self.sm_scale,
             self.variant.logits_soft_cap, self.variant.window_left,
         )

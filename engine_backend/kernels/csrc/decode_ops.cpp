@@ -51,37 +51,15 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
          int64_t head_tiles, int64_t page_size, int64_t overhead, double sm_scale, double soft_cap,
          int64_t window_left) {
   c10::cuda::CUDAGuard guard(q.device());
-  for (auto* t : {&q, &k, &v, &out}) {
-    eb::check_cuda(*t, "q/k/v/out");
-    eb::check_dtype(*t, kDtype, "q/k/v/out");
-    eb::check_last_dim_contiguous(*t, "q/k/v/out");
-  }
-  TORCH_CHECK(q.size(-1) == kHeadDim && k.size(-1) == kHeadDim, "kernel built for head dim ", kHeadDim);
   eb::DecodeParams p{};
-  p.q = q.data_ptr();
-  p.q_stride_n = q.stride(0), p.q_stride_h = q.stride(1);
-  p.k = k.data_ptr(), p.v = v.data_ptr();
-  p.k_stride_page = k.stride(0), p.k_stride_tok = k.stride(1), p.k_stride_head = k.stride(2);
-  p.v_stride_page = v.stride(0), p.v_stride_tok = v.stride(1), p.v_stride_head = v.stride(2);
-  p.indices = indices.data_ptr<int32_t>();
-  p.log2_page = 0;
-  while ((int64_t(1) << p.log2_page) < page_size) ++p.log2_page;
-  p.out = out.data_ptr();
-  p.out_stride_n = out.stride(0), p.out_stride_h = out.stride(1);
-  p.lse = lse ? lse->data_ptr<float>() : nullptr;
-  p.lse_stride_n = lse ? lse->stride(0) : 0;
+  eb::fill_paged_io(p, q, k, v, indices, page_size, out, lse, kDtype, kHeadDim);
   p.work_o = work_o.data_ptr<float>();
   p.work_lse = work_lse.data_ptr<float>();
-  p.num_qo_heads = q.size(1);
-  p.num_kv_heads = k.size(2);
   p.head_tiles = head_tiles;
   p.ctas = ctas;
   p.overhead = overhead;
   p.plan = carve_plan(plan_buf, max_rows, ctas, p.num_kv_heads * head_tiles);
-  p.variant.sm_scale = sm_scale;
-  p.variant.soft_cap = soft_cap;
-  p.variant.window_left = window_left;
-  p.variant.alibi = alibi ? alibi->data_ptr<float>() : nullptr;
+  p.variant = eb::variant_params(sm_scale, soft_cap, window_left, alibi);
   eb::decode_run_launch(p, eb::current_stream(q));
   eb::check_launch("decode");
 }
