@@ -28,6 +28,9 @@ HQ, HKV, D, PAGE, DTYPE = 32, 8, 128, 16, torch.bfloat16
 SHAPES = [("1x32768", [32768]), ("16x1024", [1024] * 16), ("16x8192", [8192] * 16), ("64x2048", [2048] * 64),
           ("128x1024", [1024] * 128), ("128x4096", [4096] * 128), ("256x2048", [2048] * 256),
           ("skewed 1x32768+127x512", [32768] + [512] * 127)]
+# Decode batches as a serving run sees them (ShareGPT at 16 req/s: up to ~50 requests, a few hundred
+# to a few thousand tokens each): here the fixed cost of a launch, not bandwidth, sets the time.
+SERVING_SHAPES = [("8x256", [256] * 8), ("32x512", [512] * 32), ("48x512", [512] * 48), ("48x1024", [1024] * 48)]
 
 
 def make_batch(lens):
@@ -50,8 +53,8 @@ def kv_bytes(lens) -> int:
     return sum(lens) * HKV * D * 2 * 2
 
 
-def bench_ours(q, k, v, table, seq):
-    dec = BatchDecode(HQ, HKV, D, PAGE, dtype=DTYPE, max_batch_size=max(256, q.shape[0]))
+def bench_ours(q, k, v, table, seq, ctas_per_sm=None):
+    dec = BatchDecode(HQ, HKV, D, PAGE, dtype=DTYPE, max_batch_size=max(256, q.shape[0]), ctas_per_sm=ctas_per_sm)
     bsr = BSR.from_block_table(table, seq, PAGE)
     dec.plan(bsr)
     out = torch.empty_like(q)
@@ -84,11 +87,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--serving-shapes", action="store_true", help="the small batches of a serving run instead")
     args = parser.parse_args()
     torch.manual_seed(0)
     copy_bw = copy_bandwidth()  # bytes/s, read + write
     rows = []
-    for name, lens in SHAPES:
+    for name, lens in SERVING_SHAPES if args.serving_shapes else SHAPES:
         q, k, v, table, seq = make_batch(lens)
         t, t_graph, out, dec, bsr = bench_ours(q, k, v, table, seq)
         row = {"shape": name, "ours_us": t.median_ms * 1e3, "ours_graph_us": t_graph.median_ms * 1e3,

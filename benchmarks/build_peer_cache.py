@@ -14,7 +14,9 @@ and torch installed; no GPU is needed:
 
 The decode wrapper with ``use_tensor_cores=True`` and both prefill wrappers all resolve to the
 same batch-prefill module per backend (it holds plan, ragged_run and paged_run), so two modules
-cover every peer in benchmarks/peers.py.
+cover every peer in benchmarks/peers.py. A third, the CUDA-core batch-decode module, is what
+SGLang's ``flashinfer`` backend decodes with for Llama-3-shaped models (group size 4, see
+``should_use_tensor_core`` there): carried too, so the end-to-end runs do not compile it on GPU time.
 """
 
 from __future__ import annotations
@@ -98,13 +100,17 @@ def module_specs():
     import torch
     from flashinfer.jit.attention.modules import gen_batch_prefill_module
 
+    from flashinfer.jit.attention.modules import gen_batch_decode_module
+
     bf16 = torch.bfloat16
-    return [
+    prefill = [
         gen_batch_prefill_module(
             backend, bf16, bf16, bf16, torch.int32, HEAD_DIM, HEAD_DIM, 0, False, False, False
         )
         for backend in BACKENDS
     ]
+    decode = gen_batch_decode_module(bf16, bf16, bf16, torch.int32, HEAD_DIM, HEAD_DIM, 0, False, False)
+    return [*prefill, decode]
 
 
 def sha256_of(path: Path) -> str:
@@ -145,7 +151,7 @@ def main() -> int:
         sys.exit(f"flashinfer {flashinfer.__version__} found; the GPU host installs {FLASHINFER_VERSION}")
     specs = module_specs()
     os.environ["FLASHINFER_EXTRA_LDFLAGS"] = libcuda_link_flags(args.workspace.resolve())
-    for backend, spec in zip(BACKENDS, specs):
+    for backend, spec in zip((*BACKENDS, "decode"), specs):
         os.environ["FLASHINFER_EXTRA_CUDAFLAGS"] = extra_cuda_flags(backend)  # read when the ninja file is written
         started = time.monotonic()
         build_jit_specs([spec], verbose=True)

@@ -96,6 +96,13 @@ def parse_args(argv=None):
         "already there are reused, so a long check can be split over several commands",
     )
     p.add_argument("--rerun", action="store_true", help="run the configurations even if --results has them")
+    p.add_argument(
+        "--parallel",
+        action="store_true",
+        help="run the configurations' engines side by side on the one GPU, each with a KV pool capped by "
+        "--max-total-tokens (SGLang sizes its pool from the memory free at start, which the others share)",
+    )
+    p.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size of each engine (tokens)")
     p.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -181,6 +188,8 @@ def child(args) -> int:
         mem_fraction_static=args.mem_fraction_static,
         random_seed=0,
         log_level="warning",
+        port=30000 + 40 * list(CONFIGS).index(args.child),  # distinct ports: engines may run side by side
+        **({"max_total_tokens": args.max_total_tokens} if args.max_total_tokens else {}),
     )
     try:
         info = engine.get_server_info()
@@ -345,20 +354,41 @@ def entry_point_installed() -> bool:
     return any(ep.name == "engine_backend" for ep in entry_points(group="sglang.srt.plugins"))
 
 
-def run_child(args, name, out) -> bool:
+def start_child(args, name, out, extra=()) -> subprocess.Popen:
     env = dict(os.environ)
     env.pop(FAULT_ENV, None)
     if CONFIGS[name]["fault"]:
         env[FAULT_ENV] = CONFIGS[name]["fault"]
-    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", name, "--out", out]
-    start = time.time()
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], *extra, "--child", name, "--out", out]
     print(f"=== {name}: {CONFIGS[name]}", flush=True)
+    return subprocess.Popen(cmd, env=env)
+
+
+def wait_child(args, name, out, proc: subprocess.Popen, start: float) -> bool:
     try:
-        code = subprocess.run(cmd, env=env, timeout=args.child_timeout).returncode
+        code = proc.wait(timeout=max(1.0, args.child_timeout - (time.time() - start)))
     except subprocess.TimeoutExpired:
+        proc.kill()
         code = "timeout"
     print(f"=== {name}: exit {code} after {time.time() - start:.0f} s", flush=True)
     return code == 0 and os.path.exists(out)
+
+
+def run_children(args, todo: dict[str, str]) -> list[str]:
+    """Run the configurations' children (one after another, or side by side with --parallel);
+    returns the names of those that did not complete."""
+    failed = []
+    if args.parallel:
+        extra = ["--max-total-tokens", str(args.max_total_tokens or 32768), "--mem-fraction-static", "0.85"]
+        start = time.time()
+        procs = {name: start_child(args, name, out, extra) for name, out in todo.items()}
+        failed = [name for name, proc in procs.items() if not wait_child(args, name, todo[name], proc, start)]
+    else:
+        for name, out in todo.items():
+            start = time.time()
+            if not wait_child(args, name, out, start_child(args, name, out), start):
+                failed.append(name)
+    return failed
 
 
 def main() -> int:
@@ -373,12 +403,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.results or tmp
         os.makedirs(folder, exist_ok=True)
+        todo = {}
         for name in dict.fromkeys([REFERENCE, *args.configs]):
             out = os.path.join(folder, f"{name}.json")
             if args.results and os.path.exists(out) and not args.rerun:
                 print(f"=== {name}: reusing {out}", flush=True)
-            elif not run_child(args, name, out):
-                lines.append((f"{name}: child run completed", False, "see its log above"))
+            else:
+                todo[name] = out
+        for name in run_children(args, todo):
+            lines.append((f"{name}: child run completed", False, "see its log above"))
         results = {}
         for name in CONFIGS:
             path = os.path.join(folder, f"{name}.json")

@@ -12,6 +12,10 @@ model): it never waits for the device, costs one launch, and can run ahead of a 
 replay. ``run`` launches the attention kernel on a fixed grid and reads only those buffers,
 the BSR ``indices`` and the tensors passed to it, so one captured graph serves every batch up
 to ``max_batch_size`` (the row count is read from the plan on the device).
+
+The grid holds as many CTAs per SM as fit (two for head dims up to 128). ``ctas_per_sm=1``
+halves it: measured on an H100, that is faster for a few long requests and slower for many
+requests (RESULTS.md, decode), so it is a choice left to the caller.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class BatchDecode:
         max_batch_size: int = 256,
         variant: Variant = DEFAULT,
         sm_scale: float | None = None,
+        ctas_per_sm: int | None = None,
         device: torch.device | str | None = None,
     ):
         check_supported(
@@ -70,8 +75,11 @@ class BatchDecode:
         self.head_tiles = -(-(num_qo_heads // num_kv_heads) // HEAD_TILE)
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         with torch.cuda.device(self.device):
-            per_sm = max(1, int(self._ops.max_ctas_per_sm()))
-        self.ctas = max(1, round(sms * per_sm / (num_kv_heads * self.head_tiles)))
+            fit = max(1, int(self._ops.max_ctas_per_sm()))
+        per_sm = fit if ctas_per_sm is None else ctas_per_sm
+        if not 1 <= per_sm <= fit:
+            raise ValueError(f"ctas_per_sm={ctas_per_sm}: this kernel fits 1 to {fit} CTAs per SM")
+        self.ctas = max(1, round(sms * per_sm / (num_kv_heads * self.head_tiles)))  # per head tile
         self._alloc_buffers()
         self._indices: torch.Tensor | None = None
         self._rows = 0

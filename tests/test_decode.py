@@ -120,7 +120,7 @@ def test_decode_cuda_graph_replay_serves_smaller_batches():
     with torch.cuda.graph(graph):
         dec.run(q, k, v, out=out)
     rng = random.Random(0)
-    for batch in (max_b, 17, 1, 33):
+    for batch in (max_b, 17, 1, 16, 33):
         lens = random_lens(rng, batch, 9000)
         bsr = fill(lens)
         dec.plan(bsr)
@@ -129,6 +129,20 @@ def test_decode_cuda_graph_replay_serves_smaller_batches():
         ref, _ = reference.attention(q[:batch], k, v, bsr)
         assert not out[:batch].isnan().any()
         assert rel_err(out[:batch], ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("ctas_per_sm", [1, 2])
+def test_decode_explicit_ctas_per_sm(ctas_per_sm):
+    """Fewer CTAs than fit (a tuning choice, see RESULTS.md) compute the same attention."""
+    dec = BatchDecode(32, 8, 128, 16, max_batch_size=40, ctas_per_sm=ctas_per_sm)
+    rng = random.Random(ctas_per_sm)
+    for batch in (3, 40):
+        run_case(random_lens(rng, batch, 9000), 16, 32, 8, 128, torch.bfloat16, dec=dec)
+
+
+def test_decode_refuses_more_ctas_per_sm_than_fit():
+    with pytest.raises(ValueError, match="ctas_per_sm=64"):
+        BatchDecode(32, 8, 128, 16, ctas_per_sm=64)
 
 
 def test_decode_rejects_bad_inputs_before_launch():

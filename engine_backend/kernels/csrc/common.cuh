@@ -34,8 +34,6 @@ template <> struct Elem<__nv_bfloat16> {
 template <typename T> struct alignas(16) Vec8 {
   typename Elem<T>::Pair v[4];
   EB_DEVICE void load(const T* p) { *reinterpret_cast<uint4*>(this) = *reinterpret_cast<const uint4*>(p); }
-  // Global load that skips L1: used for data another CTA wrote in this kernel.
-  EB_DEVICE void load_cg(const T* p) { *reinterpret_cast<uint4*>(this) = __ldcg(reinterpret_cast<const uint4*>(p)); }
   EB_DEVICE void store(T* p) const { *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(this); }
   EB_DEVICE void to_float(float* f) const {
 #pragma unroll

@@ -21,12 +21,19 @@ using T = ${DTYPE};
 using Var = Variant<${SOFT_CAP}, ${SLIDING_WINDOW}, ${ALIBI}>;
 constexpr int D = ${HEAD_DIM};
 
-constexpr int kWarps = 4;
+// Tuning knobs: an experiment build may override them with -D (scripts/decode_experiment.py).
+#ifndef EB_DECODE_WARPS
+#define EB_DECODE_WARPS 4
+#endif
+#ifndef EB_DECODE_STAGES
+#define EB_DECODE_STAGES (D == 64 ? 4 : 3)
+#endif
+constexpr int kWarps = EB_DECODE_WARPS;
 constexpr int kThreads = kWarps * 32;
 constexpr int kSub = 16;                // tokens per warp sub-tile (the MMA's k for P.V)
 constexpr int kRows = 16;               // query heads per tile (the MMA's m)
 constexpr int kChunks = D / 8;          // 16-byte chunks per row
-constexpr int kStages = D == 64 ? 4 : 3;
+constexpr int kStages = EB_DECODE_STAGES;
 constexpr int kSubBytes = kSub * D * 2;  // one K or V sub-tile
 constexpr int kWarpBytes = kStages * 2 * kSubBytes;
 constexpr int kOStride = D + 4;  // fp32 merge buffer row stride (padding spreads banks)
@@ -36,7 +43,27 @@ constexpr int kSmemO = kRows * kOStride * 4;
 constexpr int kSmemML = 2 * kWarps * kRows * 4;
 constexpr int kSmemMisc = 16;
 constexpr int kSmemBytes = kSmemKV + kSmemQ + kSmemO + kSmemML + kSmemMisc;
-constexpr int kMinCtas = D == 256 ? 1 : 2;  // CTAs per SM the shared memory allows
+constexpr int kSmemPerSm = 228 * 1024, kSmemReservedPerCta = 1024;  // sm_90
+constexpr int kMinCtas = 2 * (kSmemBytes + kSmemReservedPerCta) <= kSmemPerSm ? 2 : 1;  // CTAs per SM the smem allows
+
+// Experiment builds only (-DEB_DECODE_TIMELINE=<float offset into work_o>): thread 0 of every
+// CTA stamps the global timer at each phase, so a script can see where a launch's time goes.
+#ifdef EB_DECODE_TIMELINE
+EB_DEVICE void stamp(const DecodeParams& p, int k) {
+  if (threadIdx.x != 0) return;
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  uint64_t* out = reinterpret_cast<uint64_t*>(p.work_o + EB_DECODE_TIMELINE) + (blockIdx.y * gridDim.x + blockIdx.x) * 8;
+  out[k] = t;
+  if (k == 0) {
+    uint32_t sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    out[7] = sm;
+  }
+}
+#else
+EB_DEVICE void stamp(const DecodeParams&, int) {}
+#endif
 
 // ------------------------------------------------------------------------- cost space
 struct Range {
@@ -74,10 +101,11 @@ struct SubTileCursor {
   EB_DEVICE void seek(const DecodeParams& p, const Range& r, int rows, int b, int warp) {
     for (; b < rows && p.plan.cost_start[b] < r.x1; ++b) {
       Segment s = segment_of(p.plan, r, p.overhead, b);
+      const int row_begin = p.plan.kv_begin[b], row_pages = p.plan.page_ptr[b];  // loaded with s's
       if (s.has_tokens() && s.lo + warp * kSub < s.hi) {  // this warp has work in the segment
         row = b, lo = s.lo, hi = s.hi, sub = warp, valid = true;
-        begin = p.plan.kv_begin[b];
-        pages = p.indices + p.plan.page_ptr[b];
+        begin = row_begin;
+        pages = p.indices + row_pages;
         return;
       }
     }
@@ -231,18 +259,31 @@ EB_DEVICE void compute_sub_tile(const DecodeParams& p, const Smem& sm, WarpState
   }
 }
 
-// Load the query rows of request b for this head tile into shared memory (zeros past `rows`).
-EB_DEVICE void load_q(const DecodeParams& p, const Smem& sm, const HeadTile& ht, int b) {
-  for (int i = threadIdx.x; i < kRows * kChunks; i += kThreads) {
-    const int row = i / kChunks, c = i % kChunks;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (row < ht.rows) {
-      const T* q = static_cast<const T*>(p.q) + b * p.q_stride_n + (ht.h0 + row) * p.q_stride_h + c * 8;
-      val = *reinterpret_cast<const uint4*>(q);
+// The query rows of one request for this head tile, held in registers so that the next
+// request's query is loaded while the current one streams (zeros past `rows`).
+struct QueryRegs {
+  static constexpr int kPerThread = (kRows * kChunks + kThreads - 1) / kThreads;
+  uint4 val[kPerThread];
+  int row = -1;  // the request held
+
+  EB_DEVICE void fetch(const DecodeParams& p, const HeadTile& ht, int b) {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int i = threadIdx.x + j * kThreads, r = i / kChunks, c = i % kChunks;
+      val[j] = make_uint4(0, 0, 0, 0);
+      if (r < ht.rows) val[j] = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.q) + b * p.q_stride_n +
+                                                                   (ht.h0 + r) * p.q_stride_h + c * 8);
     }
-    *reinterpret_cast<uint4*>(sm.q + swizzle<kChunks>(row, c)) = val;
+    row = b;
   }
-}
+  EB_DEVICE void store(const Smem& sm) const {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int i = threadIdx.x + j * kThreads;
+      if (i < kRows * kChunks) *reinterpret_cast<uint4*>(sm.q + swizzle<kChunks>(i / kChunks, i % kChunks)) = val[j];
+    }
+  }
+};
 
 EB_DEVICE void store_row(const DecodeParams& p, int b, int h, int c, const float* v8) {
   Vec8<T> vec;
@@ -250,8 +291,10 @@ EB_DEVICE void store_row(const DecodeParams& p, int b, int h, int c, const float
   vec.store(static_cast<T*>(p.out) + b * p.out_stride_n + h * p.out_stride_h + c * 8);
 }
 
-// Merge the four warps' states of request b into sm.o (normalised) and per-row lse2 in ml.
-EB_DEVICE void merge_warps(const Smem& sm, WarpState& st, int warp, int lane) {
+// Merge the warps' states of request b into sm.o (normalised rows < `rows`) and per-row lse2
+// in ml. The warps add their rows in turn: shared-memory float atomics would be compare-and-
+// swap loops on sm_90 with every warp contending for every address.
+EB_DEVICE void merge_warps(const Smem& sm, WarpState& st, int warp, int lane, int rows) {
   float* ml_m = sm.ml;
   float* ml_l = sm.ml + kWarps * kRows;
   const int g = lane / 4;
@@ -277,15 +320,22 @@ EB_DEVICE void merge_warps(const Smem& sm, WarpState& st, int warp, int lane) {
     for (int w = 0; w < kWarps; ++w) l += ml_l[w * kRows + row] * fast_exp2(ml_m[w * kRows + row] - base);
     scale[r] = l > 0.f ? fast_exp2(st.m[r] - base) / l : 0.f;
   }
+  for (int w = 0; w < kWarps; ++w) {
+    if (warp == w) {
 #pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    const int col = 8 * dt + 2 * (lane % 4);
-    atomicAdd(&sm.o[g * kOStride + col], st.o[dt][0] * scale[0]);
-    atomicAdd(&sm.o[g * kOStride + col + 1], st.o[dt][1] * scale[0]);
-    atomicAdd(&sm.o[(g + 8) * kOStride + col], st.o[dt][2] * scale[1]);
-    atomicAdd(&sm.o[(g + 8) * kOStride + col + 1], st.o[dt][3] * scale[1]);
+      for (int r = 0; r < 2; ++r) {
+        if (g + 8 * r >= rows) continue;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          float2* dst = reinterpret_cast<float2*>(&sm.o[(g + 8 * r) * kOStride + 8 * dt + 2 * (lane % 4)]);
+          float2 v = make_float2(st.o[dt][2 * r] * scale[r], st.o[dt][2 * r + 1] * scale[r]);
+          if (w > 0) v.x += dst->x, v.y += dst->y;
+          *dst = v;
+        }
+      }
+    }
+    __syncthreads();
   }
-  __syncthreads();
 }
 
 // Row log2-sum-exp after merge_warps (reads the per-warp maxima and sums it left in ml).
@@ -307,6 +357,12 @@ EB_DEVICE void write_output(const DecodeParams& p, const Smem& sm, const HeadTil
   }
 }
 
+EB_DEVICE int atomic_add_acq_rel(int* addr, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(addr), "r"(v) : "memory");
+  return old;
+}
+
 // One piece of a request cut across CTAs: store it, and if it is the last piece to finish,
 // merge all pieces into the output. Classic threadfence pattern: pieces are published before
 // the counter increment, and the last CTA reads them from L2.
@@ -320,29 +376,31 @@ EB_DEVICE void write_piece(const DecodeParams& p, const Smem& sm, const HeadTile
     __stcg(reinterpret_cast<float4*>(p.work_o + (long(slot0 + piece) * hq + ht.h0 + row) * D + c * 4), val);
     if (c == 0) __stcg(p.work_lse + long(slot0 + piece) * hq + ht.h0 + row, merged_lse2(sm, row));
   }
-  __threadfence();
+  // The barrier orders every thread's stores before thread 0's release (it is cumulative);
+  // the last CTA's acquire and the barrier after it order them before its loads.
   __syncthreads();
-  int* sem = p.plan.semaphores + long(b) * gridDim.y + head_tile_id;
-  if (threadIdx.x == 0) *sm.flag = atomicAdd(sem, 1) == pieces - 1;
+  int* sem = p.plan.semaphores + long(b) * p.num_kv_heads * p.head_tiles + head_tile_id;
+  if (threadIdx.x == 0) *sm.flag = atomic_add_acq_rel(sem, 1) == pieces - 1;
   __syncthreads();
   if (!*sm.flag) return;
-  __threadfence();
-  for (int i = threadIdx.x; i < ht.rows * kChunks; i += kThreads) {
-    const int row = i / kChunks, c = i % kChunks;
-    MergeAcc<8> acc;
+  // Four floats per thread so that all 128 threads take part and many pieces' loads (they
+  // are independent; only the accumulation is a chain) are in flight at once.
+  for (int i = threadIdx.x; i < ht.rows * (D / 4); i += kThreads) {
+    const int row = i / (D / 4), c = i % (D / 4);
+    MergeAcc<4> acc;
     acc.init();
-#pragma unroll 4  // independent L2 loads of several pieces in flight
+#pragma unroll 16
     for (int k = 0; k < pieces; ++k) {
       const long slot = long(slot0 + k) * hq + ht.h0 + row;
-      const float4* src = reinterpret_cast<const float4*>(p.work_o + slot * D + c * 8);
-      float v[8];
-      *reinterpret_cast<float4*>(v) = __ldcg(src);
-      *reinterpret_cast<float4*>(v + 4) = __ldcg(src + 1);
+      float v[4];
+      *reinterpret_cast<float4*>(v) = __ldcg(reinterpret_cast<const float4*>(p.work_o + slot * D + c * 4));
       acc.add(v, __ldcg(p.work_lse + slot));
     }
-    float v[8];
+    float v[4];
     const float lse2 = acc.finish(v);
-    store_row(p, b, ht.h0 + row, c, v);
+    const typename Elem<T>::Pair pair[2] = {Elem<T>::from_float2(v[0], v[1]), Elem<T>::from_float2(v[2], v[3])};
+    *reinterpret_cast<uint2*>(static_cast<T*>(p.out) + b * p.out_stride_n + (ht.h0 + row) * p.out_stride_h + c * 4) =
+        *reinterpret_cast<const uint2*>(pair);
     if (p.lse && c == 0) p.lse[b * p.lse_stride_n + ht.h0 + row] = lse2 * kLn2;
   }
   if (threadIdx.x == 0) *sem = 0;  // ready for the next launch (the next layer, a graph replay)
@@ -351,34 +409,41 @@ EB_DEVICE void write_piece(const DecodeParams& p, const Smem& sm, const HeadTile
 __global__ void __launch_bounds__(kThreads, kMinCtas) decode_kernel(const DecodeParams p) {
   extern __shared__ __align__(128) uint8_t smem_raw[];
   const Smem sm(smem_raw);
-  const int rows = p.plan.header[0];
-  const int c = blockIdx.x;
-  if (c >= p.plan.header[2]) return;
+  stamp(p, 0);
+  // Loads with no dependence on each other, all issued before the first use: the plan's
+  // arrays are read as a chain of round trips before the first K/V byte, keep it short.
+  const int c = blockIdx.x, tile_id = blockIdx.y;
+  const int rows = p.plan.header[0], used = p.plan.header[2];
   Range r;
   r.x0 = p.plan.cta_start[c];
-  r.x1 = p.plan.cta_start[c + 1];
+  r.x1 = p.plan.cta_start[c + 1];  // the array has ctas + 1 entries
+  const int first = p.plan.first_row[c];
+  if (c >= used) return;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = p.num_qo_heads / p.num_kv_heads;
   HeadTile ht;
-  ht.kv_head = blockIdx.y / p.head_tiles;
-  const int tile = blockIdx.y % p.head_tiles;
+  ht.kv_head = tile_id / p.head_tiles;
+  const int tile = tile_id % p.head_tiles;
   ht.h0 = ht.kv_head * group + tile * kRows;
   ht.rows = min(kRows, group - tile * kRows);
 
-  for (int i = threadIdx.x; i < kRows * kOStride; i += kThreads) sm.o[i] = 0.f;
-  const int first = p.plan.first_row[c];
   SubTileCursor issue;
   issue.seek(p, r, rows, first, warp);
   issue.prefetch_page(p, lane);
   for (int s = 0; s < kStages - 1; ++s) issue_and_advance(p, sm, issue, r, rows, s, warp, lane, ht.kv_head);
   int stage = 0;
+  stamp(p, 1);
+  bool first_wait = true;
 
   typename Var::Row vrow[2];
+  QueryRegs qr;
   for (int b = first; b < rows && p.plan.cost_start[b] < r.x1; ++b) {
     const Segment seg = segment_of(p.plan, r, p.overhead, b);
     if (!seg.has_tokens() && !seg.owns_empty) continue;
-    load_q(p, sm, ht, b);
+    if (qr.row != b) qr.fetch(p, ht, b);  // the first request (or a zero-KV one was skipped)
+    qr.store(sm);  // the previous request's barriers ended every read of sm.q
+    if (b + 1 < rows && p.plan.cost_start[b + 1] < r.x1) qr.fetch(p, ht, b + 1);
     __syncthreads();
     const int begin = p.plan.kv_begin[b];
     const int q_pos = begin + seg.len - 1;  // the query is the newest token
@@ -392,22 +457,25 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) decode_kernel(const Decode
       // the stage consumed by the previous iteration, before computing, to keep them in flight.
       cp_async_wait<kStages - 2>();
       __syncwarp();
+      if (first_wait) stamp(p, 2), first_wait = false;
       issue_and_advance(p, sm, issue, r, rows, (stage + kStages - 1) % kStages, warp, lane, ht.kv_head);
       const int tok0 = begin + seg.lo + j * kSub;
       compute_sub_tile(p, sm, st, warp, stage, lane, tok0, begin + seg.hi, q_pos, vrow);
       stage = (stage + 1) % kStages;
     }
-    merge_warps(sm, st, warp, lane);
+    stamp(p, 3);
+    merge_warps(sm, st, warp, lane, ht.rows);
+    stamp(p, 6);
     const int pieces = p.plan.pieces[b];
     if (pieces == 1) {
       write_output(p, sm, ht, b);
     } else {
-      write_piece(p, sm, ht, b, c - p.plan.first_cta[b], pieces, blockIdx.y);
+      write_piece(p, sm, ht, b, c - p.plan.first_cta[b], pieces, tile_id);
     }
-    __syncthreads();
-    for (int i = threadIdx.x; i < kRows * kOStride; i += kThreads) sm.o[i] = 0.f;
+    stamp(p, 4);
   }
   cp_async_wait<0>();
+  stamp(p, 5);
 }
 
 // ---------------------------------------------------------------------- planning kernel
@@ -513,8 +581,6 @@ __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t
 }
 
 }  // namespace
-
-int decode_smem_bytes() { return kSmemBytes; }
 
 int decode_max_ctas_per_sm() {
   int n = 0;

@@ -56,7 +56,6 @@ struct DecodeParams {
 void decode_plan_launch(const int32_t* indptr, const int32_t* kv_lens, int rows, const DecodePlan& plan, int ctas,
                         int overhead, int window_left, int semaphores, cudaStream_t stream);
 void decode_run_launch(const DecodeParams& params, cudaStream_t stream);
-int decode_smem_bytes();
 int decode_max_ctas_per_sm();
 
 }  // namespace eb

@@ -64,7 +64,6 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   eb::check_launch("decode");
 }
 
-int64_t smem_bytes() { return eb::decode_smem_bytes(); }
 int64_t max_ctas_per_sm() { return eb::decode_max_ctas_per_sm(); }
 
 }  // namespace
@@ -77,6 +76,5 @@ TORCH_LIBRARY(EB_NAMESPACE, m) {
         "Tensor(c!) out, Tensor(d!)? lse, Tensor? alibi, int max_rows, int ctas, int head_tiles, int page_size, "
         "int overhead, float sm_scale, float soft_cap, int window_left) -> ()",
         &run);
-  m.def("smem_bytes() -> int", &smem_bytes);
   m.def("max_ctas_per_sm() -> int", &max_ctas_per_sm);
 }

@@ -1,0 +1,153 @@
+"""Where does a decode launch's time go? An experiment, not a test or a benchmark of record.
+
+    python scripts/decode_experiment.py --prebuild --arch 90a   # here: compile the variants
+    python scripts/decode_experiment.py --out DIR               # on the GPU
+
+1. Length sweep (ours and FlashInfer, same inputs): time vs KV length for B = 1 and 16; the
+   intercept is the fixed cost of a launch, the slope the streaming rate.
+2. Phase timeline: a build with -DEB_DECODE_TIMELINE stamps %globaltimer per CTA (entry, loads
+   issued, first K/V arrived, stream done, output written, exit).
+3. Tuning knobs: warps per CTA, pipeline stages, CTAs per SM (grid size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_decode import HKV, HQ, D, DTYPE, PAGE, make_batch  # noqa: E402
+from benchmarks.timing import time_cuda  # noqa: E402
+from engine_backend import BSR, decode, reference  # noqa: E402
+from engine_backend.kernels import jit  # noqa: E402
+from engine_backend.variants import DEFAULT  # noqa: E402
+
+TIMELINE_OFFSET = 512 * HQ * D  # floats into work_o: past every partial-state slot of a small batch
+KNOBS = {"w4s3": (), "w8s3": ("-DEB_DECODE_WARPS=8",), "w4s4": ("-DEB_DECODE_STAGES=4",),
+         "w4s2": ("-DEB_DECODE_STAGES=2",), "timeline": (f"-DEB_DECODE_TIMELINE={TIMELINE_OFFSET}",)}
+
+
+_default_spec = decode.kernel_spec
+
+
+def spec(flags) -> jit.KernelSpec:
+    base = _default_spec(DTYPE, D, DEFAULT)
+    return jit.KernelSpec.make(base.name, base.sources, dict(base.params), cuda_flags=flags)
+
+
+def make_decoder(flags=(), ctas_per_sm: int | None = None, max_batch: int = 256) -> decode.BatchDecode:
+    original = decode.kernel_spec
+    decode.kernel_spec = lambda dtype, dim, variant: spec(flags)
+    try:
+        return decode.BatchDecode(HQ, HKV, D, PAGE, dtype=DTYPE, max_batch_size=max_batch, ctas_per_sm=ctas_per_sm)
+    finally:
+        decode.kernel_spec = original
+
+
+def graph_time_us(dec, q, k, v, bsr) -> float:
+    dec.plan(bsr)
+    out = torch.empty_like(q)
+    dec.run(q, k, v, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dec.run(q, k, v, out=out)
+    return time_cuda(graph.replay).median_ms * 1e3
+
+
+def sweep(results: dict) -> None:
+    from benchmarks import peers
+
+    dec = make_decoder()
+    rows = []
+    for batch in (1, 16):
+        for length in (16, 256, 1024, 4096, 8192, 32768):
+            q, k, v, table, seq = make_batch([length] * batch)
+            bsr = BSR.from_block_table(table, seq, PAGE)
+            ours = graph_time_us(dec, q, k, v, bsr)
+            fi = peers.flashinfer_decode(q, k, v, table, seq, PAGE)[0].median_ms * 1e3
+            rows.append({"B": batch, "L": length, "ours_us": ours, "fi_us": fi})
+            print(f"sweep B={batch:3d} L={length:6d} ours {ours:7.1f} us  FlashInfer {fi:7.1f} us", flush=True)
+    results["sweep"] = rows
+
+
+def timeline(results: dict) -> None:
+    dec = make_decoder(KNOBS["timeline"], max_batch=1024)
+    out = {}
+    for name, lens in (("1x32768", [32768]), ("16x1024", [1024] * 16), ("16x8192", [8192] * 16), ("48x512", [512] * 48)):
+        q, k, v, table, seq = make_batch(lens)
+        bsr = BSR.from_block_table(table, seq, PAGE)
+        dec.plan(bsr)
+        stamps = dec._work_o.view(-1)[TIMELINE_OFFSET:].view(torch.int64)
+        runs = []
+        for _ in range(5):
+            stamps[: dec.ctas * HKV * 8].fill_(0)
+            from benchmarks.timing import flush_l2
+
+            flush_l2()
+            dec.run(q, k, v)
+            torch.cuda.synchronize()
+            t = stamps[: dec.ctas * HKV * 8].view(-1, 8).cpu()
+            t0 = int(t[:, 0].min())
+            rel = lambda col: [(int(x) - t0) / 1e3 for x in t[:, col] if int(x) > 0]  # noqa: E731
+            runs.append({f"s{i}": rel(i) for i in range(7)})
+        summary = {}
+        for i in range(7):
+            vals = [x for r in runs for x in r[f"s{i}"]]
+            if vals:
+                summary[f"s{i}"] = {"min": min(vals), "median": statistics.median(vals), "max": max(vals)}
+        # per-CTA durations
+        last = runs[-1]
+        summary["first_data_latency_median"] = statistics.median(b - a for a, b in zip(last["s1"], last["s2"]))
+        out[name] = summary
+        print(f"timeline {name}: " + json.dumps(summary), flush=True)
+    results["timeline"] = out
+
+
+def knobs(results: dict) -> None:
+    rows = []
+    from benchmarks.bench_decode import SHAPES
+
+    configs = [(name, flags, None) for name, flags in KNOBS.items() if name not in ("timeline", "w4s2")]
+    configs += [("w4s3 1 CTA/SM", (), 1)]
+    for name, flags, per_sm in configs:
+        dec = make_decoder(flags, per_sm)
+        for case, lens in SHAPES:
+            q, k, v, table, seq = make_batch(lens)
+            bsr = BSR.from_block_table(table, seq, PAGE)
+            us = graph_time_us(dec, q, k, v, bsr)
+            out = dec.run(q, k, v)
+            ref, _ = reference.attention(q, k, v, bsr) if len(lens) <= 16 else (out, None)
+            err = float((out.float() - ref.float()).norm() / ref.float().norm())
+            rows.append({"config": name, "case": case, "us": us, "ctas": dec.ctas, "rel_err": err})
+            print(f"knobs {name:16s} ctas/head {dec.ctas:3d} {case:9s} {us:7.1f} us  rel err {err:.1e}", flush=True)
+    results["knobs"] = rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prebuild", action="store_true")
+    parser.add_argument("--arch", default=None)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--parts", default="sweep,timeline,knobs")
+    args = parser.parse_args()
+    if args.prebuild:
+        for flags in KNOBS.values():
+            print(jit.build(spec(flags), args.arch))
+        return
+    torch.manual_seed(0)
+    results = {"device": torch.cuda.get_device_name()}
+    for part in args.parts.split(","):
+        globals()[part](results)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "decode_experiment.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
