@@ -13,9 +13,13 @@ replay. ``run`` launches the attention kernel on a fixed grid and reads only tho
 the BSR ``indices`` and the tensors passed to it, so one captured graph serves every batch up
 to ``max_batch_size`` (the row count is read from the plan on the device).
 
-The grid holds as many CTAs per SM as fit (two for head dims up to 128). ``ctas_per_sm=1``
-halves it: measured on an H100, that is faster for a few long requests and slower for many
-requests (RESULTS.md, decode), so it is a choice left to the caller.
+The grid holds as many CTAs per SM as fit (two for head dims up to 128), except for batches of
+at most ``SMALL_BATCH`` requests, which get one CTA per SM: measured on an H100, one is faster
+for a few long requests and two for many requests (RESULTS.md, decode). ``plan`` picks the grid
+from the batch and ``run`` launches it. The choice only ever shrinks with the batch, so a graph
+captured at a batch size launches a grid at least as large as any batch up to that size plans
+for (a plan's CTAs beyond the grid would be missing; CTAs beyond the plan exit at once).
+``ctas_per_sm`` fixes the CTAs per SM for every batch instead.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from .variants import DEFAULT, Variant
 
 HEAD_TILE = 16  # query heads of one KV head computed together (the MMA's rows)
 REQUEST_OVERHEAD = 32  # cost of a request beyond its KV tokens, in tokens (see decode.h)
+SMALL_BATCH = 16  # batches up to this many requests run one CTA per SM (see the module docstring)
 
 
 def _cuda_device(device) -> torch.device:
@@ -79,7 +84,10 @@ class BatchDecode:
         per_sm = fit if ctas_per_sm is None else ctas_per_sm
         if not 1 <= per_sm <= fit:
             raise ValueError(f"ctas_per_sm={ctas_per_sm}: this kernel fits 1 to {fit} CTAs per SM")
-        self.ctas = max(1, round(sms * per_sm / (num_kv_heads * self.head_tiles)))  # per head tile
+        tiles = num_kv_heads * self.head_tiles
+        self.ctas = max(1, round(sms * per_sm / tiles))  # CTAs per head tile: the plan buffers' size
+        self.small_batch_ctas = max(1, round(sms / tiles)) if ctas_per_sm is None else self.ctas
+        self._grid_ctas = self.ctas  # the grid of the last plan
         self._alloc_buffers()
         self._indices: torch.Tensor | None = None
         self._rows = 0
@@ -97,7 +105,9 @@ class BatchDecode:
         check_plan_input(kv, max_batch_size=self.max_batch_size, page_size=self.page_size, device=self.device)
         window = self.variant.window_left
         tiles = self.num_kv_heads * self.head_tiles
-        self._ops.plan(kv.indptr, kv.kv_lens, self._plan, self.max_batch_size, self.ctas, tiles, REQUEST_OVERHEAD, window)
+        self._grid_ctas = self.small_batch_ctas if kv.num_rows <= SMALL_BATCH else self.ctas
+        self._ops.plan(kv.indptr, kv.kv_lens, self._plan, self.max_batch_size, self.ctas, self._grid_ctas, tiles,
+                       REQUEST_OVERHEAD, window)
         self._indices, self._rows = kv.indices, kv.num_rows
 
     def run(
@@ -121,7 +131,7 @@ class BatchDecode:
         lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device) if return_lse else None
         self._ops.run(
             q, k_cache, v_cache, self._indices, self._plan, self._work_o, self._work_lse, out, lse,
-            alibi, self.max_batch_size, self.ctas, self.head_tiles,
+            alibi, self.max_batch_size, self.ctas, self._grid_ctas, self.head_tiles,
             self.page_size, REQUEST_OVERHEAD, self.sm_scale, self.variant.logits_soft_cap, self.variant.window_left,
         )
         return (out, lse) if return_lse else out

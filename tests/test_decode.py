@@ -93,9 +93,10 @@ def test_decode_fresh_inputs_reuse_one_wrapper():
         run_case(random_lens(rng, rng.randint(1, 32), 5000), 16, 32, 8, 128, torch.bfloat16, dec=dec)
 
 
-def test_decode_cuda_graph_replay_serves_smaller_batches():
+@pytest.mark.parametrize("max_b", [48, 12])  # captured with the large grid / the small-batch grid
+def test_decode_cuda_graph_replay_serves_smaller_batches(max_b):
     """Capture run() once at the maximum batch, then plan + replay other batches and lengths."""
-    hq, hkv, dim, page, max_b = 32, 8, 128, 16, 48
+    hq, hkv, dim, page = 32, 8, 128, 16
     pool_pages, width = 6000, 600
     k = torch.randn(pool_pages, page, hkv, dim, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
@@ -120,7 +121,7 @@ def test_decode_cuda_graph_replay_serves_smaller_batches():
     with torch.cuda.graph(graph):
         dec.run(q, k, v, out=out)
     rng = random.Random(0)
-    for batch in (max_b, 17, 1, 16, 33):
+    for batch in [b for b in (max_b, 17, 1, 16, 33, 7) if b <= max_b]:
         lens = random_lens(rng, batch, 9000)
         bsr = fill(lens)
         dec.plan(bsr)
@@ -135,8 +136,18 @@ def test_decode_cuda_graph_replay_serves_smaller_batches():
 def test_decode_explicit_ctas_per_sm(ctas_per_sm):
     """Fewer CTAs than fit (a tuning choice, see RESULTS.md) compute the same attention."""
     dec = BatchDecode(32, 8, 128, 16, max_batch_size=40, ctas_per_sm=ctas_per_sm)
+    assert dec.small_batch_ctas == dec.ctas  # a fixed grid: no small-batch switch
     rng = random.Random(ctas_per_sm)
     for batch in (3, 40):
+        run_case(random_lens(rng, batch, 9000), 16, 32, 8, 128, torch.bfloat16, dec=dec)
+
+
+def test_decode_one_wrapper_switches_grids_between_batches():
+    """Eager plan/run alternating between small-batch (one CTA per SM) and large-batch grids."""
+    dec = BatchDecode(32, 8, 128, 16, max_batch_size=64)
+    assert dec.small_batch_ctas < dec.ctas  # two CTAs fit per SM at head dim 128
+    rng = random.Random(5)
+    for batch in (3, 64, 16, 17, 1):
         run_case(random_lens(rng, batch, 9000), 16, 32, 8, 128, torch.bfloat16, dec=dec)
 
 
