@@ -1,0 +1,144 @@
+"""Where a decode step's GPU time goes, from torch-profiler traces of a serving engine.
+
+    python -m e2e.step_profile TRACE_OR_DIR [...] [--steps N] [--top 15]
+
+Input: the Chrome-trace files (``*.json`` or ``*.json.gz``) that the engines' own live profilers
+write: SGLang's ``python -m sglang.profiler --url URL --num-steps N --profile-by-stage`` (one
+file per stage; pass the decode one) and vLLM's ``/start_profile`` + ``/stop_profile`` with
+``VLLM_TORCH_PROFILER_DIR`` set. docs/e2e.md has the whole procedure.
+
+Output: GPU kernel time per step by category (attention of each backend, our planning kernel,
+GEMMs, the rest), the GPU's idle time between the first and last kernel, and the kernels that
+take the most time, so a category that is wrong for some kernel is visible. A step is one CUDA
+graph launch when the trace has them (decode runs as captured graphs); else pass ``--steps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# First match wins: the planning kernels before the attention kernels whose names they share.
+CATEGORIES: tuple[tuple[str, re.Pattern], ...] = tuple(
+    (name, re.compile(pattern))
+    for name, pattern in (
+        ("engine_backend plan", r"eb::.*plan_kernel|decode_plan_kernel|prefill_plan_kernel"),
+        ("engine_backend attention", r"eb::|decode_kernel|prefill_kernel|merge_(pair|many)_kernel"),
+        ("flashinfer attention", r"flashinfer::|BatchDecodeWithPagedKVCache|BatchPrefillWithPagedKVCache|MergeStates"),
+        ("triton attention", r"_fwd_(grouped_)?kernel_stage[12]|_fwd_kernel\b|unified_attention|kernel_unified"),
+        ("flash-attention", r"flash_fwd|flash::"),
+        ("GEMM", r"(?i)gemm|nvjet|xmma|cutlass|cublas"),
+    )
+)
+OTHER = "other"
+
+
+def category(kernel_name: str) -> str:
+    for name, pattern in CATEGORIES:
+        if pattern.search(kernel_name):
+            return name
+    return OTHER
+
+
+def read_trace(path: Path) -> list[dict]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def trace_files(inputs: list[Path]) -> list[Path]:
+    files = []
+    for item in inputs:
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.name.endswith((".json", ".json.gz")) and "trace" in p.name)
+        else:
+            files.append(item)
+    if not files:
+        raise FileNotFoundError(f"no trace files (*trace*.json[.gz]) under {', '.join(map(str, inputs))}")
+    return files
+
+
+@dataclass
+class StepProfile:
+    steps: int
+    kernel_us: dict[str, float] = field(default_factory=dict)  # category -> total over the trace
+    by_kernel: dict[str, float] = field(default_factory=dict)  # kernel name -> total
+    span_us: float = 0.0  # first kernel start to last kernel end
+    busy_us: float = 0.0  # union of kernel intervals
+
+    def per_step(self, value: float) -> float:
+        return value / self.steps
+
+    @property
+    def idle_us(self) -> float:
+        return self.span_us - self.busy_us
+
+
+def _busy_time(intervals: list[tuple[float, float]]) -> float:
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if start > end:
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    return busy
+
+
+def profile(events: list[dict], steps: int | None = None) -> StepProfile:
+    kernels = [e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    if not kernels:
+        raise ValueError("the trace has no GPU kernel events (was the GPU activity recorded?)")
+    graph_launches = sum(1 for e in events if e.get("ph") == "X" and e.get("name") == "cudaGraphLaunch")
+    steps = steps or graph_launches
+    if not steps:
+        raise ValueError("no cudaGraphLaunch in the trace to count steps by: pass --steps")
+    result = StepProfile(steps=steps)
+    per_cat: dict[str, float] = defaultdict(float)
+    per_kernel: dict[str, float] = defaultdict(float)
+    intervals = []
+    for e in kernels:
+        start, dur = float(e["ts"]), float(e["dur"])
+        per_cat[category(e["name"])] += dur
+        per_kernel[e["name"]] += dur
+        intervals.append((start, start + dur))
+    result.kernel_us, result.by_kernel = dict(per_cat), dict(per_kernel)
+    result.span_us = max(stop for _, stop in intervals) - min(start for start, _ in intervals)
+    result.busy_us = _busy_time(intervals)
+    return result
+
+
+def report(p: StepProfile, top: int = 15) -> str:
+    total = sum(p.kernel_us.values())
+    lines = [f"steps: {p.steps}; per step: GPU span {p.per_step(p.span_us):.1f} us, kernels {p.per_step(total):.1f} us, "
+             f"GPU idle {p.per_step(p.idle_us):.1f} us",
+             "", "| category | us per step | share of kernel time |", "| --- | --- | --- |"]
+    for name, us in sorted(p.kernel_us.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {name} | {p.per_step(us):.1f} | {100 * us / total:.1f} % |")
+    lines += ["", f"| top kernels | category | us per step |", "| --- | --- | --- |"]
+    for name, us in sorted(p.by_kernel.items(), key=lambda kv: -kv[1])[:top]:
+        short = name if len(name) <= 90 else name[:87] + "..."
+        lines.append(f"| `{short}` | {category(name)} | {p.per_step(us):.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("traces", nargs="+", type=Path, help="trace files or folders holding them")
+    parser.add_argument("--steps", type=int, help="steps in the trace (default: its cudaGraphLaunch count)")
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args(argv)
+    events = [e for path in trace_files(args.traces) for e in read_trace(path)]
+    print(report(profile(events, args.steps), args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""Decode-step profile summaries from torch-profiler Chrome traces (CPU only).
+
+The traces are built here in the shape torch.profiler's ``export_chrome_trace`` writes (the engines'
+live profilers use it): complete events (``ph: "X"``) with ``cat`` "kernel" for GPU kernels and
+"cuda_runtime" for runtime calls such as ``cudaGraphLaunch``, times in microseconds.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+
+import pytest
+
+from e2e.step_profile import OTHER, category, main, profile, read_trace, trace_files
+
+OUR_DECODE = "eb::(anonymous namespace)::decode_kernel(eb::DecodeParams)"
+OUR_PLAN = "eb::(anonymous namespace)::decode_plan_kernel(int const*, int const*, int, eb::DecodePlan, int, int, int, int)"
+GEMM = "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT"
+NORM = "void vllm::rms_norm_kernel<c10::BFloat16>(...)"
+
+
+def kernel(name, ts, dur):
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": 7}
+
+
+def graph_launch(ts):
+    return {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": ts, "dur": 5, "pid": 1, "tid": 1}
+
+
+def random_steps(rng, steps, layers):
+    """Per step: one plan kernel, then per layer a GEMM, our decode kernel and a norm, back to back;
+    steps separated by an idle gap. Returns the events and the exact totals they hold."""
+    events, totals, t = [], {"engine_backend plan": 0.0, "engine_backend attention": 0.0, "GEMM": 0.0, OTHER: 0.0}, 0.0
+    idle = 0.0
+    for _ in range(steps):
+        events.append(graph_launch(t))
+        for name, cat in [(OUR_PLAN, "engine_backend plan")] + [
+            (n, c) for _ in range(layers) for n, c in ((GEMM, "GEMM"), (OUR_DECODE, "engine_backend attention"), (NORM, OTHER))
+        ]:
+            dur = rng.uniform(1, 50)
+            events.append(kernel(name, t, dur))
+            totals[cat] += dur
+            t += dur
+        gap = rng.uniform(10, 100)
+        idle += gap
+        t += gap
+    idle -= gap  # the trailing gap is outside the kernels' span
+    return events, totals, idle
+
+
+def test_categories_of_known_kernels():
+    assert category(OUR_PLAN) == "engine_backend plan"  # before the attention pattern it also matches
+    assert category(OUR_DECODE) == "engine_backend attention"
+    assert category("eb::(anonymous namespace)::merge_many_kernel(...)") == "engine_backend attention"
+    assert category("void flashinfer::BatchPrefillWithPagedKVCacheKernel<...>(...)") == "flashinfer attention"
+    assert category("_fwd_grouped_kernel_stage1") == "triton attention"
+    assert category("kernel_unified_attention_2d") == "triton attention"
+    assert category("void flash::flash_fwd_splitkv_kernel<...>(...)") == "flash-attention"
+    assert category("sm90_xmma_gemm_bf16bf16_bf16f32") == "GEMM"
+    assert category(NORM) == OTHER
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_profile_sums_per_step_and_idle_time(seed):
+    rng = random.Random(seed)
+    steps, layers = rng.randint(2, 6), rng.randint(1, 5)
+    events, totals, idle = random_steps(rng, steps, layers)
+    rng.shuffle(events)  # trace order is not time order
+    p = profile(events)
+    assert p.steps == steps  # one graph launch per step
+    for cat, us in totals.items():
+        assert p.kernel_us[cat] == pytest.approx(us)
+    assert p.idle_us == pytest.approx(idle)
+    assert p.per_step(p.kernel_us["engine_backend attention"]) == pytest.approx(totals["engine_backend attention"] / steps)
+
+
+def test_overlapping_kernels_count_once_in_busy_time():
+    events = [graph_launch(0), kernel(GEMM, 0, 10), kernel(NORM, 5, 10), kernel(OUR_DECODE, 30, 5)]
+    p = profile(events)
+    assert p.busy_us == pytest.approx(20)  # [0, 15) and [30, 35)
+    assert p.span_us == pytest.approx(35)
+    assert p.idle_us == pytest.approx(15)
+
+
+def test_steps_must_be_known():
+    with pytest.raises(ValueError, match="--steps"):
+        profile([kernel(GEMM, 0, 10)])
+    assert profile([kernel(GEMM, 0, 10)], steps=4).per_step(40) == 10
+    with pytest.raises(ValueError, match="no GPU kernel events"):
+        profile([graph_launch(0)])
+
+
+def test_reads_gzipped_traces_from_folders(tmp_path, capsys):
+    rng = random.Random(3)
+    events, totals, _ = random_steps(rng, 3, 2)
+    folder = tmp_path / "1700000000.0"
+    folder.mkdir()
+    with gzip.open(folder / "1700000000.1-TP-0-decode.trace.json.gz", "wt", encoding="utf-8") as f:
+        json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
+    (folder / "server_args.json").write_text("{}")  # not a trace: ignored
+    assert [p.name for p in trace_files([tmp_path])] == ["1700000000.1-TP-0-decode.trace.json.gz"]
+    assert len(read_trace(trace_files([tmp_path])[0])) == len(events)
+    assert main([str(tmp_path), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 3" in out
+    assert f"| engine_backend attention | {totals['engine_backend attention'] / 3:.1f} |" in out
+
+
+def test_no_trace_files_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        trace_files([tmp_path])
