@@ -53,8 +53,8 @@ def kv_bytes(lens) -> int:
     return sum(lens) * HKV * D * 2 * 2
 
 
-def bench_ours(q, k, v, table, seq, ctas_per_sm=None):
-    dec = BatchDecode(HQ, HKV, D, PAGE, dtype=DTYPE, max_batch_size=max(256, q.shape[0]), ctas_per_sm=ctas_per_sm)
+def bench_ours(q, k, v, table, seq):
+    dec = BatchDecode(HQ, HKV, D, PAGE, dtype=DTYPE, max_batch_size=max(256, q.shape[0]))
     bsr = BSR.from_block_table(table, seq, PAGE)
     dec.plan(bsr)
     out = torch.empty_like(q)
