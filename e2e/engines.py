@@ -49,6 +49,20 @@ class Engine:
         """The attention backend the server's log says it selected, if the log says."""
         raise NotImplementedError
 
+    # Profiling (serve_bench --profile): the engine's own live profiler writes torch-profiler traces of
+    # a few steps of the loaded server into trace_dir, summarised afterwards by e2e.step_profile.
+    def profile_server_args(self, trace_dir: Path, steps: int) -> list[str]:
+        """Extra server arguments a profiled run needs."""
+        return []
+
+    def traced_steps(self, steps: int) -> int | None:
+        """Steps in the traces, if known; None: count them by CUDA-graph launches (one per decode step)."""
+        return None
+
+    def profile_command(self, work: Workload, port: int, trace_dir: Path, steps: int) -> list[str]:
+        """A command that profiles `steps` steps of the running server and returns once they are written."""
+        raise NotImplementedError
+
 
 class VllmEngine(Engine):
     name = "vllm"
@@ -86,6 +100,26 @@ class VllmEngine(Engine):
         match = self._selected.search(log_text)
         return match.group(1) if match else None
 
+    def profile_server_args(self, trace_dir: Path, steps: int) -> list[str]:
+        # The worker's torch profiler, stopped by the engine after `steps` iterations; frontend left out.
+        config = {"profiler": "torch", "torch_profiler_dir": str(trace_dir), "torch_profiler_with_stack": False,
+                  "ignore_frontend": True, "max_iterations": steps}
+        return ["--profiler-config", json.dumps(config)]
+
+    def traced_steps(self, steps: int) -> int | None:
+        # Mixed steps replay several piecewise graphs, so launches do not count steps; max_iterations does.
+        return steps
+
+    def profile_command(self, work: Workload, port: int, trace_dir: Path, steps: int) -> list[str]:
+        # /start_profile, then /stop_profile once the engine has stopped by itself (max_iterations);
+        # stop waits for the traces to be written.
+        script = ("import sys, time, urllib.request as u\n"
+                  "url = sys.argv[1]\n"
+                  "u.urlopen(u.Request(url + '/start_profile', method='POST'), timeout=120).read()\n"
+                  "time.sleep(float(sys.argv[2]))\n"
+                  "u.urlopen(u.Request(url + '/stop_profile', method='POST'), timeout=600).read()\n")
+        return [work.python, "-c", script, f"http://{HOST}:{port}", str(max(2.0, steps * 0.1))]
+
 
 class SglangEngine(Engine):
     name = "sglang"
@@ -120,6 +154,11 @@ class SglangEngine(Engine):
     def backend_in_log(self, log_text: str) -> str | None:
         match = self._selected.search(log_text)
         return match.group(1) if match else None
+
+    def profile_command(self, work: Workload, port: int, trace_dir: Path, steps: int) -> list[str]:
+        # One trace per stage (prefill / decode); the command returns when the server has written them.
+        return [work.python, "-m", "sglang.profiler", "--url", f"http://{HOST}:{port}", "--num-steps", str(steps),
+                "--profile-by-stage", "--output-dir", str(trace_dir)]
 
 
 ENGINES: dict[str, Engine] = {engine.name: engine for engine in (VllmEngine(), SglangEngine())}

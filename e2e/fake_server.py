@@ -6,6 +6,10 @@ with ``meta_info.completion_tokens``), plus ``/health`` and ``/v1/models``. It "
 number of tokens at a fixed pace; its numbers measure nothing but the harness plumbing, and
 ``serve_bench --fake-server`` marks its tables so.
 
+It answers the engines' live-profiler requests by writing a small synthetic torch-profiler trace: SGLang's
+``/start_profile`` (folder and steps in the request, as ``python -m sglang.profiler`` sends them, plus the
+``/server_info`` it reads first) and vLLM's (folder and steps from ``--profiler-config``, vLLM's flag).
+
 It prints a backend-selection line in the named engine's log format (so the harness's log check runs), and
 with ``--spawn-child`` starts a child process, as real servers do, to check that stopping stops the group.
 """
@@ -18,6 +22,7 @@ import subprocess
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 SELECTION_LINE = {
     "vllm": "Using AttentionBackendEnum.{backend} backend.",
@@ -25,8 +30,21 @@ SELECTION_LINE = {
 }
 
 
+def write_fake_trace(path: Path, steps: int) -> None:
+    """A Chrome trace like torch.profiler's: per step a graph launch, an attention kernel and a GEMM."""
+    events, t = [], 0.0
+    for _ in range(steps):
+        events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": t, "dur": 5})
+        events.append({"ph": "X", "cat": "kernel", "name": "eb::(anonymous namespace)::decode_kernel", "ts": t, "dur": 30})
+        events.append({"ph": "X", "cat": "kernel", "name": "nvjet_fake_gemm", "ts": t + 30, "dur": 70})
+        t += 150
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"traceEvents": events}))
+
+
 class FakeHandler(BaseHTTPRequestHandler):
     model = "fake"
+    profiler_config: dict | None = None
     token_delay_s = 0.001
     healthy_after_s = 0.0
     started = time.monotonic()
@@ -35,7 +53,9 @@ class FakeHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        if self.path == "/health":
+        if self.path == "/server_info":
+            self._send_json({"fake": True})
+        elif self.path == "/health":
             ready = time.monotonic() - self.started >= self.healthy_after_s
             self._send_json({} if ready else {"status": "starting"}, 200 if ready else 503)
         elif self.path == "/v1/models":
@@ -49,6 +69,15 @@ class FakeHandler(BaseHTTPRequestHandler):
             self._stream(self._openai_chunks(body))
         elif self.path == "/generate":
             self._stream(self._sglang_chunks(body))
+        elif self.path == "/start_profile" and "output_dir" in body:  # SGLang's profiler client
+            write_fake_trace(Path(body["output_dir"]) / "fake-TP-0-decode.trace.json", int(body["num_steps"]))
+            self._send_json({})
+        elif self.path == "/start_profile" and self.profiler_config:  # vLLM
+            config = self.profiler_config
+            write_fake_trace(Path(config["torch_profiler_dir"]) / "fake.pt.trace.json", config["max_iterations"])
+            self._send_json({})
+        elif self.path == "/stop_profile" and self.profiler_config:
+            self._send_json({})
         else:
             self._send_json({"error": "not found"}, 404)
 
@@ -99,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--healthy-after", type=float, default=0.0, help="answer 503 on /health until then")
     parser.add_argument("--exit-code", type=int, help="print an error and exit with this code at once")
     parser.add_argument("--spawn-child", action="store_true", help="start a long-sleeping child process")
+    parser.add_argument("--profiler-config", type=json.loads, help="vLLM's profiler JSON (torch_profiler_dir, "
+                        "max_iterations): serve /start_profile and /stop_profile")
     args = parser.parse_args(argv)
     if args.exit_code is not None:
         print(f"fake server: failing on purpose with code {args.exit_code}", flush=True)
@@ -108,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fake server: child pid {child.pid}", flush=True)
     print(SELECTION_LINE[args.protocol].format(backend=args.backend), flush=True)
     FakeHandler.model, FakeHandler.token_delay_s = args.model, args.token_delay
+    FakeHandler.profiler_config = args.profiler_config
     FakeHandler.healthy_after_s, FakeHandler.started = args.healthy_after, time.monotonic()
     ThreadingHTTPServer.daemon_threads = True
     ThreadingHTTPServer((args.host, args.port), FakeHandler).serve_forever()

@@ -21,9 +21,11 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
-from e2e import gpu
+from e2e import gpu, step_profile
 from e2e.engines import ENGINES, HOST, Engine, Workload
 from e2e.results import BackendResult, metrics_from_client, write_tables
 from e2e.server import ServerError, ServerProcess, free_port, live_group_members, log_tail
@@ -32,6 +34,7 @@ E2E_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = E2E_DIR / "models" / "llama3-8b-shape"
 DEFAULT_DATASET = E2E_DIR / "data" / "sharegpt_300.json"
 BACKEND_FILE = "backend.json"
+TRACE_DIR = "traces"
 PGID_FILE = "server.pgid"
 
 
@@ -83,17 +86,54 @@ def fake_server_command(engine: Engine, work: Workload, backend: str, port: int)
             "--port", str(port), "--model", str(work.model), "--spawn-child"]
 
 
-def run_client(command: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> int:
-    """Run the benchmark client in its own process group (killed whole on time-out); returns its exit code."""
+def run_client(command: list[str], env: dict[str, str], log_path: Path, timeout_s: float,
+               while_running: Callable[[subprocess.Popen], None] | None = None) -> int:
+    """Run the benchmark client in its own process group (killed whole on time-out); returns its exit code.
+    `while_running(client)`, if given, runs once the client has started (the profiler, under load)."""
     with open(log_path, "wb") as log:
         client = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, start_new_session=True)
         try:
+            if while_running:
+                while_running(client)
             return client.wait(timeout=timeout_s)
-        except (subprocess.TimeoutExpired, Interrupted):
-            os.killpg(client.pid, signal.SIGKILL)
+        except (subprocess.TimeoutExpired, Interrupted, RuntimeError):
+            try:
+                os.killpg(client.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it had ended already (a profile hook's failure)
+                pass
             client.wait()
             raise
+
+
+def profiler(engine: Engine, work: Workload, port: int, backend_dir: Path, env: dict[str, str],
+             args: argparse.Namespace) -> Callable[[subprocess.Popen], None]:
+    """Under load: wait --profile-delay seconds, then trace --profile-steps steps with the engine's profiler."""
+    def run(client: subprocess.Popen) -> None:
+        deadline = time.monotonic() + args.profile_delay
+        while time.monotonic() < deadline and client.poll() is None:
+            time.sleep(0.5)
+        if client.poll() is not None:
+            raise RuntimeError(f"client finished within the {args.profile_delay} s profile delay: nothing traced")
+        command = engine.profile_command(work, port, backend_dir / TRACE_DIR, args.profile_steps)
+        print(f"[e2e] {engine.name}: profiling {args.profile_steps} steps", flush=True)
+        with open(backend_dir / "profile.log", "wb") as log:
+            code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600).returncode
+        if code != 0:
+            raise RuntimeError(f"profiler exited with code {code}:\n{log_tail(backend_dir / 'profile.log')}")
+    return run
+
+
+def summarise_traces(backend_dir: Path, steps: int | None) -> Path:
+    """step_profile.md from the traces: the decode-stage ones where the engine splits by stage."""
+    files = step_profile.trace_files([backend_dir / TRACE_DIR])
+    decode = [f for f in files if "decode" in f.name.lower()]
+    chosen = decode or files
+    events = [event for path in chosen for event in step_profile.read_trace(path)]
+    out = backend_dir / "step_profile.md"
+    out.write_text(f"Traces: {', '.join(str(f.relative_to(backend_dir)) for f in chosen)}\n\n"
+                   + step_profile.report(step_profile.profile(events, steps)) + "\n", encoding="utf-8")
+    return out
 
 
 def reap_stale_server(backend_dir: Path) -> None:
@@ -117,6 +157,8 @@ def run_backend(engine: Engine, work: Workload, backend: str, backend_dir: Path,
     result_path.unlink(missing_ok=True)  # SGLang's client appends; a stale result must never be read back
     server_cmd = (fake_server_command(engine, work, backend, port) if args.fake_server
                   else engine.server_command(work, backend, port))
+    if args.profile_steps:
+        server_cmd += engine.profile_server_args(backend_dir / TRACE_DIR, args.profile_steps)
     client_cmd = engine.client_command(work, port, result_path)
     result = BackendResult(backend=backend, status="failed: not run", metrics={}, completed=None,
                            num_prompts=work.num_prompts, server_command=shown(server_cmd, overrides),
@@ -131,12 +173,15 @@ def run_backend(engine: Engine, work: Workload, backend: str, backend_dir: Path,
         result.backend_in_log = engine.backend_in_log(server.log_path.read_text(encoding="utf-8", errors="replace"))
         print(f"[e2e] {engine.name}/{backend}: healthy after {result.server_start_s:.0f} s; running client",
               flush=True)
-        code = run_client(client_cmd, env, backend_dir / "client.log", args.client_timeout)
+        hook = profiler(engine, work, port, backend_dir, env, args) if args.profile_steps else None
+        code = run_client(client_cmd, env, backend_dir / "client.log", args.client_timeout, hook)
         if code != 0:
             raise RuntimeError(f"client exited with code {code}; log {backend_dir / 'client.log'}:\n"
                                f"{log_tail(backend_dir / 'client.log')}")
         result.metrics, result.completed = metrics_from_client(engine.read_result(result_path))
         result.status = backend_status(backend, result)
+        if args.profile_steps:
+            print(f"[e2e] {engine.name}/{backend}: {summarise_traces(backend_dir, engine.traced_steps(args.profile_steps))}", flush=True)
     except (ServerError, RuntimeError, TimeoutError, subprocess.TimeoutExpired, KeyError, ValueError, OSError) as error:
         result.status = f"failed: {error}"
     except Interrupted as error:
@@ -210,6 +255,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpu-free-mib", type=int, default=2048,
                         help="GPU 0 counts as free at or below this many MiB in use")
     parser.add_argument("--gpu-free-timeout", type=float, default=120.0)
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="trace this many engine steps with the engine's profiler while the client runs, and "
+                             "summarise them into <backend>/step_profile.md (the run's timings then include the "
+                             "profiler's overhead: measure without it)")
+    parser.add_argument("--profile-delay", type=float, default=20.0, help="seconds of load before profiling")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument("--fake-server", action="store_true",
                         help="serve with e2e/fake_server.py instead of the engine (checks the harness and the real "
@@ -241,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _raise_interrupted)
     context = run_context(engine, work, env, args)
     title = f"Serving benchmark: {engine.name}, ShareGPT, {work.num_prompts} prompts at {work.request_rate:g} req/s"
+    if args.profile_steps:
+        title = "[PROFILED: timings include the profiler] " + title
+        context["profiled"] = f"{args.profile_steps} steps traced after {args.profile_delay:g} s of load"
     if args.fake_server:
         title = "[FAKE SERVER: harness check, not a measurement] " + title
         context["server"] = "e2e/fake_server.py stand-in; these numbers measure nothing"

@@ -5,7 +5,8 @@
 Input: the Chrome-trace files (``*.json`` or ``*.json.gz``) that the engines' own live profilers
 write: SGLang's ``python -m sglang.profiler --url URL --num-steps N --profile-by-stage`` (one
 file per stage; pass the decode one) and vLLM's ``/start_profile`` + ``/stop_profile`` with
-``VLLM_TORCH_PROFILER_DIR`` set. docs/e2e.md has the whole procedure.
+the server started with ``--profiler-config`` (torch profiler). ``serve_bench --profile-steps N`` runs both
+under load and calls this; docs/e2e.md has the whole procedure.
 
 Output: GPU kernel time per step by category (attention of each backend, our planning kernel,
 GEMMs, the rest), the GPU's idle time between the first and last kernel, and the kernels that

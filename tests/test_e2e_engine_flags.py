@@ -74,6 +74,19 @@ def test_vllm_bench_command_parses(tmp_path):
 
 
 @pytest.mark.vllm
+def test_vllm_profiler_config_is_valid(tmp_path):
+    import json
+
+    from vllm.config import ProfilerConfig
+
+    args = ENGINES["vllm"].profile_server_args(tmp_path, 30)
+    assert args[0] == "--profiler-config"
+    config = ProfilerConfig(**json.loads(args[1]))
+    assert (config.profiler, config.torch_profiler_dir, config.max_iterations) == ("torch", str(tmp_path), 30)
+    assert config.ignore_frontend and not config.torch_profiler_with_stack
+
+
+@pytest.mark.vllm
 def test_vllm_sampler_takes_every_slice_conversation():
     from vllm.benchmarks.datasets.datasets import ShareGPTDataset
 
@@ -108,6 +121,32 @@ def test_sglang_accepts_our_backend_once_plugins_load():
     ServerArgs.add_cli_args(parser)
     args = parser.parse_args(ENGINES["sglang"].server_command(WORK, "engine_backend", 8124)[3:])
     assert args.attention_backend == "engine_backend"
+
+
+@pytest.mark.sglang
+def test_sglang_profiler_client_traces_the_fake_server(tmp_path):
+    """SGLang's own `python -m sglang.profiler`, run as the harness runs it, against the stand-in server."""
+    import os
+    import subprocess
+    import sys
+
+    from e2e import serve_bench
+    from e2e.server import ServerProcess, free_port
+
+    port = free_port()
+    server = ServerProcess([sys.executable, str(ROOT / "e2e" / "fake_server.py"), "--protocol", "sglang", "--backend",
+                            "engine_backend", "--port", str(port)], dict(os.environ), tmp_path / "server.log")
+    server.start()
+    try:
+        server.wait_healthy(f"http://127.0.0.1:{port}/health", timeout_s=30, poll_s=0.2)
+        work = dataclasses.replace(WORK, python=sys.executable)
+        command = ENGINES["sglang"].profile_command(work, port, tmp_path / serve_bench.TRACE_DIR, 6)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        server.stop(grace_s=10)
+    summary = serve_bench.summarise_traces(tmp_path, ENGINES["sglang"].traced_steps(6)).read_text()
+    assert "decode.trace" in summary and "steps: 6" in summary  # counted by graph launches
 
 
 @pytest.mark.sglang

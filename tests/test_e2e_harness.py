@@ -55,7 +55,7 @@ class FakeVllm(VllmEngine):
 
 def harness_args(**overrides) -> argparse.Namespace:
     values = {"gpu_free_mib": 10**9, "gpu_free_timeout": 5.0, "server_timeout": 30.0, "client_timeout": 60.0,
-              "fake_server": False}
+              "fake_server": False, "profile_steps": 0, "profile_delay": 0.0}
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -139,6 +139,24 @@ def test_incomplete_requests_fail_the_run(tmp_path):
 def test_client_failure_fails_the_run_with_its_log(tmp_path):
     result = run(tmp_path, FakeVllm(client_code="import sys; print('client broke'); sys.exit(2)"))
     assert result.status.startswith("failed: client exited with code 2") and "client broke" in result.status
+
+
+SLOW_CLIENT = "import time; time.sleep(3)\n" + FAKE_CLIENT
+
+
+def test_profiled_run_traces_under_load_and_summarises_the_steps(tmp_path):
+    result = run(tmp_path, FakeVllm(client_code=SLOW_CLIENT), profile_steps=4, profile_delay=0.5)
+    assert result.status == "ok", result.status
+    assert "--profiler-config" in result.server_command  # the engine's profiler is switched on at start
+    summary = (tmp_path / "CUSTOM" / "step_profile.md").read_text()
+    # The fake server's trace: per step 30 us of our attention and 70 us of GEMM, 50 us idle between steps.
+    assert "steps: 4" in summary and "kernels 100.0 us" in summary
+    assert re.search(r"engine_backend attention \| 30\.0", summary), summary
+
+
+def test_profiling_a_client_that_ends_too_soon_fails_with_the_reason(tmp_path):
+    result = run(tmp_path, FakeVllm(), profile_steps=4, profile_delay=20.0)
+    assert result.status.startswith("failed: client finished within the 20.0 s profile delay"), result.status
 
 
 def test_results_collect_in_engine_order_across_runs(tmp_path):
