@@ -56,7 +56,7 @@ class Engine:
         return []
 
     def traced_steps(self, steps: int) -> int | None:
-        """Steps in the traces, if known; None: count them by CUDA-graph launches (one per decode step)."""
+        """Steps in the traces, if known; None: count them as attention launches / the model's layers."""
         return None
 
     def profile_command(self, work: Workload, port: int, trace_dir: Path, steps: int) -> list[str]:

@@ -124,7 +124,14 @@ def profiler(engine: Engine, work: Workload, port: int, backend_dir: Path, env: 
     return run
 
 
-def summarise_traces(backend_dir: Path, steps: int | None) -> Path:
+def model_layers(model: Path) -> int | None:
+    try:
+        return int(json.loads((model / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def summarise_traces(backend_dir: Path, steps: int | None, layers: int | None = None) -> Path:
     """step_profile.md from the traces: the decode-stage ones where the engine splits by stage."""
     files = step_profile.trace_files([backend_dir / TRACE_DIR])
     decode = [f for f in files if "decode" in f.name.lower()]
@@ -132,7 +139,7 @@ def summarise_traces(backend_dir: Path, steps: int | None) -> Path:
     events = [event for path in chosen for event in step_profile.read_trace(path)]
     out = backend_dir / "step_profile.md"
     out.write_text(f"Traces: {', '.join(str(f.relative_to(backend_dir)) for f in chosen)}\n\n"
-                   + step_profile.report(step_profile.profile(events, steps)) + "\n", encoding="utf-8")
+                   + step_profile.report(step_profile.profile(events, steps, layers)) + "\n", encoding="utf-8")
     return out
 
 
@@ -181,7 +188,8 @@ def run_backend(engine: Engine, work: Workload, backend: str, backend_dir: Path,
         result.metrics, result.completed = metrics_from_client(engine.read_result(result_path))
         result.status = backend_status(backend, result)
         if args.profile_steps:
-            print(f"[e2e] {engine.name}/{backend}: {summarise_traces(backend_dir, engine.traced_steps(args.profile_steps))}", flush=True)
+            summary = summarise_traces(backend_dir, engine.traced_steps(args.profile_steps), model_layers(work.model))
+            print(f"[e2e] {engine.name}/{backend}: {summary}", flush=True)
     except (ServerError, RuntimeError, TimeoutError, subprocess.TimeoutExpired, KeyError, ValueError, OSError) as error:
         result.status = f"failed: {error}"
     except Interrupted as error:

@@ -10,8 +10,9 @@ under load and calls this; docs/e2e.md has the whole procedure.
 
 Output: GPU kernel time per step by category (attention of each backend, our planning kernel,
 GEMMs, the rest), the GPU's idle time between the first and last kernel, and the kernels that
-take the most time, so a category that is wrong for some kernel is visible. A step is one CUDA
-graph launch when the trace has them (decode runs as captured graphs); else pass ``--steps``.
+take the most time, so a category that is wrong for some kernel is visible. Steps: ``--steps`` if
+known; else ``--layers`` (steps = launches of the attention kernel / layers: SGLang's decode step
+replays several graphs, so graph launches over-count it); else CUDA-graph launches.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ CATEGORIES: tuple[tuple[str, re.Pattern], ...] = tuple(
     for name, pattern in (
         ("engine_backend plan", r"eb::.*plan_kernel|decode_plan_kernel|prefill_plan_kernel"),
         ("engine_backend attention", r"eb::|decode_kernel|prefill_kernel|merge_(pair|many)_kernel"),
-        ("flashinfer attention", r"flashinfer::|BatchDecodeWithPagedKVCache|BatchPrefillWithPagedKVCache|MergeStates"),
+        ("flashinfer attention", r"BatchDecodeWith|BatchPrefillWith|MergeStates|flashinfer::.*(Prefill|Decode|Attention)"),
         ("triton attention", r"_fwd_(grouped_)?kernel_stage[12]|_fwd_kernel\b|unified_attention|kernel_unified"),
         ("flash-attention", r"flash_fwd|flash::"),
         ("GEMM", r"(?i)gemm|nvjet|xmma|cutlass|cublas"),
@@ -72,35 +73,56 @@ class StepProfile:
     by_kernel: dict[str, float] = field(default_factory=dict)  # kernel name -> total
     span_us: float = 0.0  # first kernel start to last kernel end
     busy_us: float = 0.0  # union of kernel intervals
+    pause_us: float = 0.0  # idle gaps of PAUSE_US or more (no work, or the profiler itself), left out of idle
+    pauses: int = 0
 
     def per_step(self, value: float) -> float:
         return value / self.steps
 
     @property
     def idle_us(self) -> float:
-        return self.span_us - self.busy_us
+        """GPU idle between kernels within the traced work: the time the GPU waited for the CPU."""
+        return self.span_us - self.busy_us - self.pause_us
 
 
-def _busy_time(intervals: list[tuple[float, float]]) -> float:
-    busy, end = 0.0, float("-inf")
+PAUSE_US = 2000.0  # longer than any CPU-side gap within or between decode steps
+
+
+def _busy_and_pauses(intervals: list[tuple[float, float]]) -> tuple[float, float, int]:
+    busy, end, pause_us, pauses = 0.0, None, 0.0, 0
     for start, stop in sorted(intervals):
-        if start > end:
+        if end is None or start > end:
+            if end is not None and start - end >= PAUSE_US:
+                pause_us, pauses = pause_us + start - end, pauses + 1
             busy += stop - start
             end = stop
         elif stop > end:
             busy += stop - end
             end = stop
-    return busy
+    return busy, pause_us, pauses
 
 
-def profile(events: list[dict], steps: int | None = None) -> StepProfile:
+def attention_launches(kernels: list[dict]) -> int:
+    """Launches of the attention kernel launched most often (one per layer and step for every backend
+    here: our decode kernel, Triton's stage-1 kernel, FlashAttention's forward)."""
+    counts: dict[str, int] = defaultdict(int)
+    for e in kernels:
+        if category(e["name"]).endswith("attention") or category(e["name"]) == "flash-attention":
+            counts[e["name"]] += 1
+    return max(counts.values(), default=0)
+
+
+def profile(events: list[dict], steps: int | None = None, layers: int | None = None) -> StepProfile:
+    """Totals over the trace; `steps` if known, else attention launches / `layers`, else graph launches."""
     kernels = [e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"]
     if not kernels:
         raise ValueError("the trace has no GPU kernel events (was the GPU activity recorded?)")
-    graph_launches = sum(1 for e in events if e.get("ph") == "X" and e.get("name") == "cudaGraphLaunch")
-    steps = steps or graph_launches
+    if not steps and layers:
+        steps = round(attention_launches(kernels) / layers)
     if not steps:
-        raise ValueError("no cudaGraphLaunch in the trace to count steps by: pass --steps")
+        steps = sum(1 for e in events if e.get("ph") == "X" and e.get("name") == "cudaGraphLaunch")
+    if not steps:
+        raise ValueError("no cudaGraphLaunch in the trace to count steps by: pass --steps or --layers")
     result = StepProfile(steps=steps)
     per_cat: dict[str, float] = defaultdict(float)
     per_kernel: dict[str, float] = defaultdict(float)
@@ -112,14 +134,16 @@ def profile(events: list[dict], steps: int | None = None) -> StepProfile:
         intervals.append((start, start + dur))
     result.kernel_us, result.by_kernel = dict(per_cat), dict(per_kernel)
     result.span_us = max(stop for _, stop in intervals) - min(start for start, _ in intervals)
-    result.busy_us = _busy_time(intervals)
+    result.busy_us, result.pause_us, result.pauses = _busy_and_pauses(intervals)
     return result
 
 
 def report(p: StepProfile, top: int = 15) -> str:
     total = sum(p.kernel_us.values())
     lines = [f"steps: {p.steps}; per step: GPU span {p.per_step(p.span_us):.1f} us, kernels {p.per_step(total):.1f} us, "
-             f"GPU idle {p.per_step(p.idle_us):.1f} us",
+             f"GPU idle {p.per_step(p.idle_us):.1f} us"
+             + (f" (plus {p.pauses} pauses of {PAUSE_US / 1000:g} ms or more, {p.pause_us / 1000:.1f} ms in all, "
+                "left out)" if p.pauses else ""),
              "", "| category | us per step | share of kernel time |", "| --- | --- | --- |"]
     for name, us in sorted(p.kernel_us.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {name} | {p.per_step(us):.1f} | {100 * us / total:.1f} % |")
@@ -133,11 +157,14 @@ def report(p: StepProfile, top: int = 15) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("traces", nargs="+", type=Path, help="trace files or folders holding them")
-    parser.add_argument("--steps", type=int, help="steps in the trace (default: its cudaGraphLaunch count)")
+    parser.add_argument("--steps", type=int, help="steps in the trace (default: see --layers)")
+    parser.add_argument("--layers", type=int, help="attention layers of the model: steps = launches of the "
+                        "attention kernel / layers (default: the trace's cudaGraphLaunch count, right only where "
+                        "one graph runs one step)")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args(argv)
     events = [e for path in trace_files(args.traces) for e in read_trace(path)]
-    print(report(profile(events, args.steps), args.top))
+    print(report(profile(events, args.steps, args.layers), args.top))
     return 0
 
 

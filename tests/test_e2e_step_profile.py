@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from e2e.step_profile import OTHER, category, main, profile, read_trace, trace_files
+from e2e.step_profile import OTHER, category, main, profile, read_trace, report, trace_files
 
 OUR_DECODE = "eb::(anonymous namespace)::decode_kernel(eb::DecodeParams)"
 OUR_PLAN = "eb::(anonymous namespace)::decode_plan_kernel(int const*, int const*, int, eb::DecodePlan, int, int, int, int)"
@@ -82,6 +82,35 @@ def test_overlapping_kernels_count_once_in_busy_time():
     assert p.busy_us == pytest.approx(20)  # [0, 15) and [30, 35)
     assert p.span_us == pytest.approx(35)
     assert p.idle_us == pytest.approx(15)
+
+
+def test_steps_from_attention_launches_when_graphs_split_a_step(tmp_path, capsys):
+    """SGLang replays several graphs per decode step: with the model's layers, steps = attention launches
+    / layers, whatever the graph launches say."""
+    rng = random.Random(5)
+    steps, layers = 4, 3
+    events, totals, _ = random_steps(rng, steps, layers)
+    events += [graph_launch(-100.0 - i) for i in range(9)]  # extra graph launches, as SGLang's split graphs
+    assert profile(events).steps == steps + 9
+    p = profile(events, layers=layers)
+    assert p.steps == steps
+    assert p.per_step(p.kernel_us["engine_backend attention"]) == pytest.approx(totals["engine_backend attention"] / steps)
+    path = tmp_path / "t-decode.trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    assert main([str(path), "--layers", str(layers)]) == 0 and f"steps: {steps};" in capsys.readouterr().out
+
+
+def test_long_gaps_are_pauses_not_idle():
+    events = [graph_launch(0), kernel(GEMM, 0, 10), kernel(OUR_DECODE, 30, 5),  # 20 us idle
+              kernel(GEMM, 5035, 10)]  # 5000 us without work: a pause
+    p = profile(events)
+    assert p.idle_us == pytest.approx(20) and p.pauses == 1 and p.pause_us == pytest.approx(5000)
+    assert "1 pauses" in report(p)
+
+
+def test_norm_kernels_are_not_attention():
+    assert category("void flashinfer::norm::FusedAddRMSNormKernel<8u, __nv_bfloat16>(...)") == OTHER
+    assert category("void flashinfer::BatchPrefillWithPagedKVCacheKernel<...>(...)") == "flashinfer attention"
 
 
 def test_steps_must_be_known():
