@@ -2,7 +2,7 @@
 SDPA (flash, cuDNN) on the same inputs, in one run, plus the measured bf16 GEMM rate; and an
 append case (8 requests x 512 new tokens onto 8192 cached, paged) vs FlashInfer's paged prefill.
 
-    python benchmarks/bench_prefill.py [--no-peer] [--warps 8] [--out results.json]
+    python benchmarks/bench_prefill.py [--no-peer] [--warps 4 8] [--out results.json]
 
 Causal FLOPs (issue #3 convention): 2 * B * Hq * D * L^2 for a batch of B requests of L tokens.
 """
@@ -62,7 +62,7 @@ def append_case():
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--no-peer", action="store_true")
-    parser.add_argument("--warps", type=int, nargs="*", default=[8, 4])
+    parser.add_argument("--warps", type=int, nargs="*", default=[4])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)

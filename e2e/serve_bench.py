@@ -137,9 +137,11 @@ def summarise_traces(backend_dir: Path, steps: int | None, layers: int | None = 
     decode = [f for f in files if "decode" in f.name.lower()]
     chosen = decode or files
     events = [event for path in chosen for event in step_profile.read_trace(path)]
+    by_batch = step_profile.decode_attention_by_batch(events)
     out = backend_dir / "step_profile.md"
     out.write_text(f"Traces: {', '.join(str(f.relative_to(backend_dir)) for f in chosen)}\n\n"
-                   + step_profile.report(step_profile.profile(events, steps, layers)) + "\n", encoding="utf-8")
+                   + step_profile.report(step_profile.profile(events, steps, layers)) + "\n"
+                   + ("\n" + step_profile.batch_report(by_batch) + "\n" if by_batch else ""), encoding="utf-8")
     return out
 
 

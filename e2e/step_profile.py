@@ -138,6 +138,39 @@ def profile(events: list[dict], steps: int | None = None, layers: int | None = N
     return result
 
 
+# Decode attention of one layer: a first kernel, then any continuation kernels (split-KV reductions).
+DECODE_LAYER_FIRST = re.compile(r"decode_kernel|_fwd_grouped_kernel_stage1|BatchDecodeWith|flash_fwd_splitkv_kernel")
+DECODE_LAYER_REST = re.compile(r"_fwd_kernel_stage2|MergeStates|merge_(pair|many)_kernel|splitkv_combine")
+BATCH_KERNEL = re.compile(r"RMSNorm")  # one CTA per token: its grid is the step's (padded) batch
+
+
+def decode_attention_by_batch(events: list[dict]) -> dict[int, list[float]]:
+    """Decode attention time per layer (us), keyed by the batch of its step, read from the grid of the last
+    norm kernel before it (torch.profiler records each kernel's grid). Backends are then compared at equal
+    batch: a trace's steps mix batch sizes, and decode attention grows with the batch."""
+    by_batch: dict[int, list[float]] = defaultdict(list)
+    batch = None
+    for e in sorted((e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"), key=lambda e: e["ts"]):
+        name = e["name"]
+        if BATCH_KERNEL.search(name):
+            grid = (e.get("args") or {}).get("grid")
+            batch = int(grid[0]) if grid else None
+        elif batch is not None and DECODE_LAYER_FIRST.search(name):
+            by_batch[batch].append(float(e["dur"]))
+        elif batch is not None and DECODE_LAYER_REST.search(name) and by_batch[batch]:
+            by_batch[batch][-1] += float(e["dur"])
+    return dict(by_batch)
+
+
+def batch_report(by_batch: dict[int, list[float]]) -> str:
+    lines = ["| batch (norm grid) | decode attention layers | median us per layer | mean us per layer |",
+             "| --- | --- | --- | --- |"]
+    for batch, times in sorted(by_batch.items()):
+        ordered = sorted(times)
+        lines.append(f"| {batch} | {len(times)} | {ordered[len(ordered) // 2]:.1f} | {sum(times) / len(times):.1f} |")
+    return "\n".join(lines)
+
+
 def report(p: StepProfile, top: int = 15) -> str:
     total = sum(p.kernel_us.values())
     lines = [f"steps: {p.steps}; per step: GPU span {p.per_step(p.span_us):.1f} us, kernels {p.per_step(total):.1f} us, "
@@ -165,6 +198,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     events = [e for path in trace_files(args.traces) for e in read_trace(path)]
     print(report(profile(events, args.steps, args.layers), args.top))
+    by_batch = decode_attention_by_batch(events)
+    if by_batch:
+        print("\n" + batch_report(by_batch))
     return 0
 
 

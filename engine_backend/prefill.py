@@ -11,8 +11,8 @@ Query ``i`` of a request with ``q_len`` queries and ``kv_len`` keys sits at posi
 ``q_len == kv_len``, append/chunked prefill when the KV already holds a cached prefix).
 Ragged K/V ``[tokens, H, D]``: ``BSR.from_ragged`` with ``k.unsqueeze(1)`` as the cache.
 
-``plan`` launches a one-CTA kernel that copies the BSR's row arrays into buffers this object
-owns and lays out the query tiles (longest-running first); ``run`` launches one CTA per
+``plan`` launches a one-CTA kernel that lays out the query tiles (longest-running first), each
+with its request's numbers, in a buffer this object owns; ``run`` launches one CTA per
 (query tile, KV head) on a grid sized from the host-known token count, so it can be captured
 in a CUDA graph and replayed for any batch of at most that many tokens.
 """
@@ -31,12 +31,11 @@ from .support import check_supported
 from .variants import DEFAULT, Variant
 
 
-def default_warps(head_dim: int) -> int:
-    return 4 if head_dim == 256 else 8
+DEFAULT_WARPS = 4  # 32 query rows per warp (16 at D=256); two such CTAs share an SM
 
 
 def kernel_spec(dtype: torch.dtype, head_dim: int, variant: Variant, warps: int | None = None) -> jit.KernelSpec:
-    params = dict(dtype_params(dtype), HEAD_DIM=head_dim, WARPS=warps or default_warps(head_dim), **variant.template_args())
+    params = dict(dtype_params(dtype), HEAD_DIM=head_dim, WARPS=warps or DEFAULT_WARPS, **variant.template_args())
     return jit.KernelSpec.make("prefill", ("prefill.cu", "prefill_ops.cpp"), params)
 
 
@@ -66,12 +65,14 @@ class BatchPrefill:
         self.page_size, self.dtype, self.variant, self.causal = page_size, dtype, variant, causal
         self.max_batch_size, self.max_num_tokens = max_batch_size, max_num_tokens
         self.sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+        if not self.sm_scale > 0:  # the kernel folds the scale into exp2 after a max of raw scores
+            raise ValueError(f"sm_scale must be positive, got {self.sm_scale}")
         self.device = _cuda_device(device)
         self._ops = jit.load(kernel_spec(dtype, head_dim, variant, warps))
         self.group = num_qo_heads // num_kv_heads
         self.tile_rows = int(self._ops.tile_rows())
         self.max_tiles = self._tiles_bound(max_num_tokens, max_batch_size)
-        plan_ints = 4 + (max_batch_size + 1) + 2 * max_batch_size + 2 * self.max_tiles
+        plan_ints = 4 + 5 * self.max_tiles  # header, per-tile request records (int4) and indices
         self._plan = torch.zeros(plan_ints, dtype=torch.int32, device=self.device)
         self._indices: torch.Tensor | None = None
         self._rows = 0
@@ -111,7 +112,7 @@ class BatchPrefill:
         launch_tiles = min(self._tiles_bound(tokens, self._rows), self.max_tiles)
         self._ops.run(
             q, k_cache, v_cache, self._indices, self._plan, out, lse, alibi,
-            self.max_batch_size, self.max_tiles, launch_tiles, self.page_size, self.causal, self.sm_scale,
+            self.max_tiles, launch_tiles, self.page_size, self.causal, self.sm_scale,
             self.variant.logits_soft_cap, self.variant.window_left,
         )
         return (out, lse) if return_lse else out

@@ -13,7 +13,8 @@ import random
 
 import pytest
 
-from e2e.step_profile import OTHER, category, main, profile, read_trace, report, trace_files
+from e2e.step_profile import (OTHER, batch_report, category, decode_attention_by_batch, main, profile, read_trace,
+                               report, trace_files)
 
 OUR_DECODE = "eb::(anonymous namespace)::decode_kernel(eb::DecodeParams)"
 OUR_PLAN = "eb::(anonymous namespace)::decode_plan_kernel(int const*, int const*, int, eb::DecodePlan, int, int, int, int)"
@@ -106,6 +107,21 @@ def test_long_gaps_are_pauses_not_idle():
     p = profile(events)
     assert p.idle_us == pytest.approx(20) and p.pauses == 1 and p.pause_us == pytest.approx(5000)
     assert "1 pauses" in report(p)
+
+
+def test_decode_attention_per_layer_by_batch():
+    """Per layer: a norm kernel (grid = batch), then the decode attention (with a split-KV reduction for
+    Triton); layers group by the batch of their step."""
+    def norm(ts, batch):
+        return {**kernel("void flashinfer::norm::FusedAddRMSNormKernel<8u>(...)", ts, 2), "args": {"grid": [batch, 1, 1]}}
+
+    events = [norm(0, 48), kernel("_fwd_grouped_kernel_stage1", 5, 20), kernel("_fwd_kernel_stage2", 26, 3),
+              norm(40, 48), kernel("_fwd_grouped_kernel_stage1", 45, 22), kernel("_fwd_kernel_stage2", 68, 3),
+              norm(80, 56), kernel(OUR_DECODE, 85, 30), kernel(GEMM, 120, 50)]
+    by_batch = decode_attention_by_batch(events)
+    assert by_batch == {48: [23.0, 25.0], 56: [30.0]}
+    table = batch_report(by_batch)
+    assert "| 48 | 2 | 25.0 | 24.0 |" in table and "| 56 | 1 | 30.0 | 30.0 |" in table
 
 
 def test_norm_kernels_are_not_attention():

@@ -105,9 +105,9 @@ def test_prefill_variants(variant):
     check(BatchPrefill(32, 8, 128, 16, variant=variant), q, k, v, bsr, True, variant, alibi)
 
 
-def test_prefill_four_warp_tiles_match():
+def test_prefill_eight_warp_tiles_match():
     q, k, v, bsr = paged_batch([300, 50], [900, 50], 16, 32, 8, 128, torch.bfloat16)
-    check(BatchPrefill(32, 8, 128, 16, warps=4), q, k, v, bsr, True)
+    check(BatchPrefill(32, 8, 128, 16, warps=8), q, k, v, bsr, True)
 
 
 def test_prefill_cuda_graph_replay():

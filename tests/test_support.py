@@ -57,3 +57,13 @@ def test_every_problem_is_reported_at_once():
         check_supported(num_qo_heads=6, num_kv_heads=4, head_dim=96, dtype=torch.bfloat16, page_size=5)
     for problem in ("head dim 96", "page size 5", "6 query heads over 4 KV heads"):
         assert problem in str(err.value)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.125, float("nan")])
+def test_prefill_refuses_a_scale_it_cannot_fold(scale):
+    """The prefill kernel takes its running max on raw dot products and folds the scale into exp2, which
+    is right only for a positive scale: anything else is refused before any device or kernel is touched."""
+    from engine_backend.prefill import BatchPrefill
+
+    with pytest.raises(ValueError, match="sm_scale must be positive"):
+        BatchPrefill(32, 8, 128, 16, sm_scale=scale)

@@ -28,7 +28,7 @@ def default_specs(with_test_variants: bool = True) -> list[jit.KernelSpec]:
     if with_test_variants:
         for variant in TEST_VARIANTS:
             specs += [decode_spec(torch.bfloat16, 128, variant), prefill_spec(torch.bfloat16, 128, variant)]
-        specs.append(prefill_spec(torch.bfloat16, 128, DEFAULT, warps=4))
+        specs.append(prefill_spec(torch.bfloat16, 128, DEFAULT, warps=8))
     return specs
 
 

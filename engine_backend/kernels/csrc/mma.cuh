@@ -17,6 +17,12 @@ template <int kChunks> EB_DEVICE int swizzle(int row, int chunk) {
   return (row * kChunks + (chunk ^ (row & 7))) * 16;
 }
 
+// The ldmatrix address of 16-column k-step kk from that of k-step 0 (chunk 2 kk + h, h < 2):
+// (2 kk + h) ^ x == 2 kk ^ (h ^ x), so within a row the step is an XOR of 32 kk bytes, which
+// stays inside the row when the tile starts at a multiple of the row size. One LOP3 per step
+// instead of a register per (lane, step) address.
+EB_DEVICE uint32_t swizzle_step(uint32_t addr_step0, int kk) { return addr_step0 ^ (kk * 32); }
+
 // 16-byte global->shared copy; when !valid the destination is zero-filled and src not read.
 EB_DEVICE void cp_async_16(uint32_t dst, const void* src, bool valid) {
   const int src_bytes = valid ? 16 : 0;

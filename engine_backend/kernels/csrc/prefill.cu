@@ -2,11 +2,11 @@
 // case), FlashAttention-2 style on mma.sync tensor cores (sm80+), causal mask aligned to the end
 // of each request's KV, GQA heads packed into the query tile.
 // Template parameters: ${DTYPE}, head dim ${HEAD_DIM}, variant (${SOFT_CAP}, ${SLIDING_WINDOW}, ${ALIBI}),
-// warps per CTA ${WARPS} (16 query rows each).
+// warps per CTA ${WARPS}.
 //
 // One CTA computes one query tile (kM packed rows = tokens x query heads of one KV head) against
-// all the KV it may see, streaming K/V tiles of kN tokens through a two-stage cp.async pipeline.
-// Each warp owns 16 rows: Q fragments stay in registers, S and O accumulate in registers, P is
+// all the KV it may see, streaming K/V tiles of kN tokens through a cp.async pipeline. Each warp
+// owns kWarpRows rows (one or two 16-row MMA tiles): S and O accumulate in registers, and P is
 // re-packed from the S accumulators into the A operand of P.V without touching shared memory.
 #include <cub/block/block_scan.cuh>
 
@@ -23,28 +23,62 @@ constexpr int D = ${HEAD_DIM};
 
 constexpr int kWarps = ${WARPS};
 constexpr int kThreads = kWarps * 32;
-constexpr int kM = 16 * kWarps;   // packed query rows per tile
-constexpr int kN = D == 256 ? 32 : 64;  // KV tokens per tile
+// 16-row MMA tiles per warp. Two where their O accumulators fit in registers: every K and V
+// fragment read from shared memory then feeds twice the MMAs, and shared-memory bandwidth,
+// not the tensor cores, is what bounds an mma.sync attention loop.
+// The EB_PREFILL_* macros (MMA_M, KV_TILE, STAGES, LAZY_RESCALE) override choices for experiments
+// (scripts/prefill_experiment.py, which times them side by side); the defaults are the measured best.
+#ifndef EB_PREFILL_MMA_M
+#define EB_PREFILL_MMA_M (D <= 128 ? 2 : 1)
+#endif
+#ifndef EB_PREFILL_KV_TILE
+#define EB_PREFILL_KV_TILE (D == 256 ? 32 : 64)
+#endif
+constexpr int kMmaM = EB_PREFILL_MMA_M;
+constexpr int kWarpRows = 16 * kMmaM;
+constexpr int kM = kWarpRows * kWarps;  // packed query rows per tile
+// Q fragments stay in registers where they fit beside O and S; otherwise (D=128 with two MMA
+// tiles) they are re-read from shared memory at each k-step.
+constexpr bool kQInRegs = kMmaM == 1 || D <= 64;
+constexpr int kN = EB_PREFILL_KV_TILE;  // KV tokens per tile
 constexpr int kChunks = D / 8;
-constexpr int kStages = 3;  // K/V tiles in shared memory: two in flight while one is computed
+constexpr int kRowBytes = D * 2;
 constexpr int kTileBytes = kN * D * 2;
 constexpr int kSmemQ = kM * D * 2;
-constexpr int kSmemBytes = kSmemQ + kStages * 2 * kTileBytes;
+constexpr int kSmemPageIds = 2 * kN * 4;
+constexpr int smem_bytes(int stages) { return kSmemQ + stages * 2 * kTileBytes + kSmemPageIds; }
+// K/V tiles in shared memory (stages - 1 in flight while one is computed): three if two CTAs
+// still fit on an SM, else two, since a second resident CTA hides more latency than a deeper
+// pipeline of one.
+constexpr int kSmemPerSm = 227 * 1024;
+#ifndef EB_PREFILL_STAGES
+#define EB_PREFILL_STAGES (2 * smem_bytes(3) <= kSmemPerSm ? 3 : 2)
+#endif
+#ifndef EB_PREFILL_LAZY_RESCALE
+#define EB_PREFILL_LAZY_RESCALE 1
+#endif
+constexpr int kStages = EB_PREFILL_STAGES;
+// Skip the O rescale of a tile when no row max of the warp changed (most tiles after the first
+// few): a warp vote instead of D/2 multiplies per row and lane.
+constexpr bool kLazyRescale = EB_PREFILL_LAZY_RESCALE;
+constexpr int kSmemBytes = smem_bytes(kStages);
+static_assert(kStages <= 3, "page-id slots: tiles in flight plus the next fit in two");
+constexpr int kMinBlocks = kWarps == 4 && 2 * kSmemBytes <= kSmemPerSm ? 2 : 1;
 
 struct Tile {
-  int row;                   // request
-  int q0, q_len, kv_len;     // its queries' start and count, its KV length
+  int q0, q_len, kv_len;     // its request's first query, query count and KV length
   int r0, rows;              // packed rows r0 .. r0+rows-1 of the request's q_len * group
   int kv_begin, kv_end;      // KV range any row of the tile may see
   const int32_t* pages;
 };
 
 EB_DEVICE Tile tile_of(const PrefillParams& p, int t, int group) {
+  const int4 req = p.plan.tile[t];
   Tile tl;
-  tl.row = p.plan.tile_row[t];
-  tl.q0 = p.plan.qo_start[tl.row];
-  tl.q_len = p.plan.qo_start[tl.row + 1] - tl.q0;
-  tl.kv_len = p.plan.kv_len[tl.row];
+  tl.q0 = req.x;
+  tl.q_len = req.y;
+  tl.kv_len = req.z;
+  tl.pages = p.indices + req.w;
   tl.r0 = p.plan.tile_idx[t] * kM;
   tl.rows = min(kM, tl.q_len * group - tl.r0);
   const int qp_first = tl.kv_len - tl.q_len + tl.r0 / group;
@@ -52,7 +86,6 @@ EB_DEVICE Tile tile_of(const PrefillParams& p, int t, int group) {
   tl.kv_end = p.causal ? min(tl.kv_len, qp_last + 1) : tl.kv_len;
   tl.kv_begin = Var::window ? max(0, qp_first - p.variant.window_left) : 0;
   tl.kv_end = max(tl.kv_end, tl.kv_begin);
-  tl.pages = p.indices + p.plan.page_ptr[tl.row];
   return tl;
 }
 
@@ -69,31 +102,24 @@ EB_DEVICE void issue_q(const PrefillParams& p, const Tile& tl, uint8_t* sq, int 
   }
 }
 
-// Each thread copies kLoads 16-byte chunks of a K (and of a V) tile: chunk i of the tile is
-// row i / kChunks, column i % kChunks, for i = threadIdx.x + j * kThreads.
-constexpr int kLoads = kN * kChunks / kThreads;
-static_assert(kN * kChunks % kThreads == 0, "tile chunks must divide evenly among threads");
-
-// Page ids of the rows this thread copies in the tile starting at `first`: loaded one tile
-// ahead, so the lookup's latency hides behind a tile of MMAs instead of stalling the copy.
-struct TilePages {
-  int page[kLoads];
-  EB_DEVICE void load(const PrefillParams& p, const Tile& tl, int first) {
-#pragma unroll
-    for (int j = 0; j < kLoads; ++j) {
-      const int tok = first + threadIdx.x / kChunks + j * (kThreads / kChunks);
-      page[j] = tok < tl.kv_end ? tl.pages[tok >> p.log2_page] : 0;
-    }
-  }
-};
+// Page ids of a K/V tile's rows live in shared memory, in two slots (tile t in slot t % 2).
+// Thread r < kN reads row r's id from global memory into a register a tile before it is
+// needed (the read's latency hides behind a tile of MMAs) and stores it after that tile; the
+// next iteration's barrier publishes it. Tokens at or past kv_end get page 0 (never read).
+EB_DEVICE int page_of(const PrefillParams& p, const Tile& tl, int tok) {
+  return tok < tl.kv_end ? tl.pages[tok >> p.log2_page] : 0;
+}
 
 // One K/V tile (kN tokens from `first`) -> shared memory; tokens at or past kv_end are zeros.
 // A thread always copies the same column chunk (kThreads is a multiple of kChunks), of rows
 // kRowStep apart, so only the page and token offsets change per load.
+constexpr int kLoads = kN * kChunks / kThreads;
 constexpr int kRowStep = kThreads / kChunks;
+static_assert(kN * kChunks % kThreads == 0, "tile chunks must divide evenly among threads");
 static_assert(kThreads % kChunks == 0, "each thread keeps one column chunk");
+static_assert(kN <= kThreads, "one thread per row reads the tile's page ids");
 
-EB_DEVICE void issue_kv(const PrefillParams& p, const Tile& tl, const TilePages& pg, uint8_t* sk, uint8_t* sv,
+EB_DEVICE void issue_kv(const PrefillParams& p, const Tile& tl, const int* page_ids, uint8_t* sk, uint8_t* sv,
                         int first, int kv_head) {
   const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
   const T* kcol = static_cast<const T*>(p.k) + long(kv_head) * p.k_stride_head + c * 8;
@@ -106,95 +132,183 @@ EB_DEVICE void issue_kv(const PrefillParams& p, const Tile& tl, const TilePages&
     const int tok = first + r;
     const bool valid = tok < tl.kv_end;
     const int in_page = tok & page_mask;
-    const T* k = kcol + pg.page[j] * p.k_stride_page + in_page * int(p.k_stride_tok);
-    const T* v = vcol + pg.page[j] * p.v_stride_page + in_page * int(p.v_stride_tok);
+    const int page = page_ids[r];
+    const T* k = kcol + page * p.k_stride_page + in_page * int(p.k_stride_tok);
+    const T* v = vcol + page * p.v_stride_page + in_page * int(p.v_stride_tok);
     cp_async_16(kb + swizzle<kChunks>(r, c), k, valid);
     cp_async_16(vb + swizzle<kChunks>(r, c), v, valid);
   }
 }
 
-// Per-lane rows g and g+8 of the warp's 16: query position, head, validity.
+// The rows a lane holds accumulators for: rows g and g+8 of each of the warp's kMmaM 16-row
+// MMA tiles (g = lane / 4); lane row r is MMA tile r / 2, half r % 2.
+constexpr int kLaneRows = 2 * kMmaM;
+
 struct LaneRows {
-  int qp[2];
-  int head[2];
-  bool valid[2];
-  typename Var::Row var[2];
+  int qp[kLaneRows];    // query position
+  int head[kLaneRows];  // query head
+  bool valid[kLaneRows];
+  typename Var::Row var[kLaneRows];
+  // Units of the running max: raw dot products when the variant's score is a plain scale (it
+  // is then folded into the exponent's FFMA), else the variant's log2 scores.
+  EB_DEVICE float unit(int r) const { return Var::linear ? var[r].scale_log2 : 1.f; }
 };
 
-// One K/V tile against the warp's 16 query rows: S = Q K^T, the variant's scores (masked only
-// on tiles that cross the causal diagonal, the KV end or the window edge: kMask), online
-// softmax, O += P V. Two specializations keep the mask's per-element code out of the
-// common, unmasked tiles.
-template <bool kMask>
-EB_DEVICE void attend_tile(const PrefillParams& p, const Tile& tl, const LaneRows& lr, const uint32_t (&qa)[D / 16][4],
-                           float (&o)[D / 8][4], float (&m)[2], float (&l)[2], uint32_t kbase, uint32_t vbase,
-                           int first, int lane) {
-  float s[kN / 8][4];
+EB_DEVICE int lane_row(int warp, int lane, int r) { return warp * kWarpRows + 16 * (r / 2) + lane / 4 + 8 * (r % 2); }
+
+// The warp's Q fragments for k-step kk (16 columns of head dim), for each of its MMA tiles.
+struct QFrags {
+  uint32_t reg[kQInRegs ? D / 16 : 1][kMmaM][4];
+  uint32_t lane_addr;  // this lane's ldmatrix address for k-step 0 of MMA tile 0
+
+  EB_DEVICE void init(uint32_t sq, int warp, int lane) {
+    lane_addr = sq + swizzle<kChunks>(warp * kWarpRows + lane % 16, lane / 16);
+    if constexpr (kQInRegs) {
 #pragma unroll
-  for (int n = 0; n < kN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+      for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+        for (int mi = 0; mi < kMmaM; ++mi) load(reg[kk][mi], kk, mi);
+    }
+  }
+  EB_DEVICE void load(uint32_t (&f)[4], int kk, int mi) const {
+    ldmatrix_x4(f, swizzle_step(lane_addr, kk) + mi * 16 * kRowBytes);
+  }
+  EB_DEVICE void get(uint32_t (&f)[kMmaM][4], int kk) const {
+#pragma unroll
+    for (int mi = 0; mi < kMmaM; ++mi) {
+      if constexpr (kQInRegs) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) f[mi][i] = reg[kk][mi][i];
+      } else {
+        load(f[mi], kk, mi);
+      }
+    }
+  }
+};
+
+using Scores = float[kMmaM][kN / 8][4];  // S of the warp's rows against one K/V tile
+
+// S = Q K^T for one K tile. (A loop that computed the next tile's S in the same basic block as
+// this tile's softmax, for the scheduler to interleave them, measured 5-10 % slower: kept out.)
+EB_DEVICE void qk(Scores& s, const QFrags& qf, uint32_t kbase, int lane) {
+#pragma unroll
+  for (int mi = 0; mi < kMmaM; ++mi)
+#pragma unroll
+    for (int n = 0; n < kN / 8; ++n) s[mi][n][0] = s[mi][n][1] = s[mi][n][2] = s[mi][n][3] = 0.f;
+  const uint32_t k_lane = kbase + swizzle<kChunks>((lane % 8) + 8 * (lane / 16), (lane / 8) % 2);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t qa[kMmaM][4];
+    qf.get(qa, kk);
+    const uint32_t k_kk = swizzle_step(k_lane, kk);
 #pragma unroll
     for (int np = 0; np < kN / 16; ++np) {
       uint32_t kb[4];
-      ldmatrix_x4(kb, kbase + swizzle<kChunks>(np * 16 + (lane % 8) + 8 * (lane / 16), 2 * kk + (lane / 8) % 2));
-      mma_16816<T>(s[2 * np], qa[kk], kb);
-      mma_16816<T>(s[2 * np + 1], qa[kk], kb + 2);
-    }
-  }
-  float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+      ldmatrix_x4(kb, k_kk + np * 16 * kRowBytes);
 #pragma unroll
-  for (int n = 0; n < kN / 8; ++n) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = i / 2;
-      const int kp = first + 8 * n + 2 * (lane % 4) + (i % 2);
-      float x = Var::score(s[n][i], lr.var[r], lr.qp[r], kp);
-      if (kMask && (kp >= tl.kv_len || !Var::visible(p.variant, p.causal, lr.qp[r], kp))) x = -CUDART_INF_F;
-      s[n][i] = x;
-      row_max[r] = fmaxf(row_max[r], x);
-    }
-  }
-  float rescale[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float m_new = fmaxf(m[r], quad_max(row_max[r]));
-    const float base = m_new == -CUDART_INF_F ? 0.f : m_new;
-    rescale[r] = fast_exp2(m[r] - base);
-    m[r] = m_new;
-    float sum = 0.f;
-#pragma unroll
-    for (int n = 0; n < kN / 8; ++n) {
-      s[n][2 * r] = fast_exp2(s[n][2 * r] - base);
-      s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
-      sum += s[n][2 * r] + s[n][2 * r + 1];
-    }
-    l[r] = l[r] * rescale[r] + sum;
-  }
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    o[dt][0] *= rescale[0];
-    o[dt][1] *= rescale[0];
-    o[dt][2] *= rescale[1];
-    o[dt][3] *= rescale[1];
-  }
-#pragma unroll
-  for (int kt = 0; kt < kN / 16; ++kt) {
-    const uint32_t pa[4] = {pack2<T>(s[2 * kt][0], s[2 * kt][1]), pack2<T>(s[2 * kt][2], s[2 * kt][3]),
-                            pack2<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]),
-                            pack2<T>(s[2 * kt + 1][2], s[2 * kt + 1][3])};
-#pragma unroll
-    for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-      uint32_t vb[4];
-      ldmatrix_x4_trans(vb, vbase + swizzle<kChunks>(kt * 16 + (lane % 8) + 8 * ((lane / 8) % 2), 2 * dt2 + lane / 16));
-      mma_16816<T>(o[2 * dt2], pa, vb);
-      mma_16816<T>(o[2 * dt2 + 1], pa, vb + 2);
+      for (int mi = 0; mi < kMmaM; ++mi) {
+        mma_16816<T>(s[mi][2 * np], qa[mi], kb);
+        mma_16816<T>(s[mi][2 * np + 1], qa[mi], kb + 2);
+      }
     }
   }
 }
 
-__global__ void __launch_bounds__(kThreads, kWarps == 4 && D <= 128 ? 2 : 1) prefill_kernel(const PrefillParams p) {
-  extern __shared__ __align__(128) uint8_t smem[];
+// The rest of one K/V tile for the warp's rows, given S: the variant's scores (masked only on
+// tiles that cross the causal diagonal, the KV end or the window edge: kMask), online softmax,
+// O += P V. Two specializations keep the mask's per-element code out of the common, unmasked
+// tiles.
+template <bool kMask>
+EB_DEVICE void softmax_pv(const PrefillParams& p, const Tile& tl, const LaneRows& lr, Scores& s,
+                          float (&o)[kMmaM][D / 8][4], float (&m)[kLaneRows], float (&l)[kLaneRows], uint32_t vbase,
+                          int first, int lane) {
+  float row_max[kLaneRows];
+#pragma unroll
+  for (int r = 0; r < kLaneRows; ++r) row_max[r] = -CUDART_INF_F;
+#pragma unroll
+  for (int mi = 0; mi < kMmaM; ++mi) {
+#pragma unroll
+    for (int n = 0; n < kN / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = 2 * mi + i / 2;
+        const int kp = first + 8 * n + 2 * (lane % 4) + (i % 2);
+        float x = Var::linear ? s[mi][n][i] : Var::score(s[mi][n][i], lr.var[r], lr.qp[r], kp);
+        if (kMask && (kp >= tl.kv_len || !Var::visible(p.variant, p.causal, lr.qp[r], kp))) x = -CUDART_INF_F;
+        s[mi][n][i] = x;
+        row_max[r] = fmaxf(row_max[r], x);
+      }
+    }
+  }
+  float rescale[kLaneRows];
+  bool max_moved = false;
+#pragma unroll
+  for (int r = 0; r < kLaneRows; ++r) {
+    const int mi = r / 2, h = r % 2;
+    const float m_new = fmaxf(m[r], quad_max(row_max[r]));
+    const float unit = lr.unit(r);
+    const float base = (m_new == -CUDART_INF_F ? 0.f : m_new) * unit;
+    // Exactly 1 where the max held (not exp2 of a rounding residue), so skipping is exact.
+    max_moved |= m_new != m[r];
+    rescale[r] = m_new == m[r] ? 1.f : fast_exp2(fmaf(m[r], unit, -base));
+    m[r] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < kN / 8; ++n) {
+      s[mi][n][2 * h] = fast_exp2(fmaf(s[mi][n][2 * h], unit, -base));
+      s[mi][n][2 * h + 1] = fast_exp2(fmaf(s[mi][n][2 * h + 1], unit, -base));
+      sum += s[mi][n][2 * h] + s[mi][n][2 * h + 1];
+    }
+    l[r] = l[r] * rescale[r] + sum;
+  }
+  if (!kLazyRescale || __any_sync(0xffffffff, max_moved)) {
+#pragma unroll
+    for (int mi = 0; mi < kMmaM; ++mi) {
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        o[mi][dt][0] *= rescale[2 * mi];
+        o[mi][dt][1] *= rescale[2 * mi];
+        o[mi][dt][2] *= rescale[2 * mi + 1];
+        o[mi][dt][3] *= rescale[2 * mi + 1];
+      }
+    }
+  }
+  const uint32_t v_lane = vbase + swizzle<kChunks>((lane % 8) + 8 * ((lane / 8) % 2), lane / 16);
+#pragma unroll
+  for (int kt = 0; kt < kN / 16; ++kt) {
+    uint32_t pa[kMmaM][4];
+#pragma unroll
+    for (int mi = 0; mi < kMmaM; ++mi) {
+      pa[mi][0] = pack2<T>(s[mi][2 * kt][0], s[mi][2 * kt][1]);
+      pa[mi][1] = pack2<T>(s[mi][2 * kt][2], s[mi][2 * kt][3]);
+      pa[mi][2] = pack2<T>(s[mi][2 * kt + 1][0], s[mi][2 * kt + 1][1]);
+      pa[mi][3] = pack2<T>(s[mi][2 * kt + 1][2], s[mi][2 * kt + 1][3]);
+    }
+#pragma unroll
+    for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+      uint32_t vb[4];
+      ldmatrix_x4_trans(vb, swizzle_step(v_lane, dt2) + kt * 16 * kRowBytes);
+#pragma unroll
+      for (int mi = 0; mi < kMmaM; ++mi) {
+        mma_16816<T>(o[mi][2 * dt2], pa[mi], vb);
+        mma_16816<T>(o[mi][2 * dt2 + 1], pa[mi], vb + 2);
+      }
+    }
+  }
+}
+
+// One K/V tile: its S, then the softmax and P V.
+template <bool kMask>
+EB_DEVICE void attend_tile(const PrefillParams& p, const Tile& tl, const LaneRows& lr, const QFrags& qf,
+                           float (&o)[kMmaM][D / 8][4], float (&m)[kLaneRows], float (&l)[kLaneRows],
+                           uint32_t kbase, uint32_t vbase, int first, int lane) {
+  Scores s;
+  qk(s, qf, kbase, lane);
+  softmax_pv<kMask>(p, tl, lr, s, o, m, l, vbase, first, lane);
+}
+
+__global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const PrefillParams p) {
+  extern __shared__ __align__(1024) uint8_t smem[];  // tiles start at multiples of their row size (swizzle_step)
   const int hkv = p.num_kv_heads;
   const int kv_head = blockIdx.x % hkv;
   const int t = blockIdx.x / hkv;
@@ -206,80 +320,95 @@ __global__ void __launch_bounds__(kThreads, kWarps == 4 && D <= 128 ? 2 : 1) pre
   auto sk = [&](int s) { return smem + kSmemQ + s * 2 * kTileBytes; };
   auto sv = [&](int s) { return smem + kSmemQ + s * 2 * kTileBytes + kTileBytes; };
 
+  int* page_ids = reinterpret_cast<int*>(smem + kSmemQ + kStages * 2 * kTileBytes);  // [2][kN]
+  auto slot = [&](int tile) { return page_ids + (tile % 2) * kN; };
+  auto tile_first = [&](int tile) { return tl.kv_begin + tile * kN; };
+  const int tid = threadIdx.x;
+
   const int n_tiles = (tl.kv_end - tl.kv_begin + kN - 1) / kN;
   issue_q(p, tl, sq, kv_head, group);
   cp_async_commit();
-  TilePages pages;
-  for (int s = 0; s < kStages - 1; ++s) {  // prologue: tiles 0 .. kStages-2
-    pages.load(p, tl, tl.kv_begin + s * kN);
-    if (s < n_tiles) issue_kv(p, tl, pages, sk(s), sv(s), tl.kv_begin + s * kN, kv_head);
+  // Prologue: tiles 0 .. kStages-2 in flight, the page ids of tile kStages-1 in a register.
+  if (tid < kN) {
+    for (int s = 0; s < kStages - 1; ++s) slot(s)[tid] = page_of(p, tl, tile_first(s) + tid);
+  }
+  __syncthreads();
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_tiles) issue_kv(p, tl, slot(s), sk(s), sv(s), tile_first(s), kv_head);
     cp_async_commit();
   }
-  pages.load(p, tl, tl.kv_begin + (kStages - 1) * kN);
+  int next_page = tid < kN ? page_of(p, tl, tile_first(kStages - 1) + tid) : 0;
 
   LaneRows lr;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = warp * 16 + lane / 4 + 8 * i;
-    lr.valid[i] = r < tl.rows;
-    const int pr = tl.r0 + (lr.valid[i] ? r : 0);
-    lr.qp[i] = tl.kv_len - tl.q_len + pr / group;
-    lr.head[i] = kv_head * group + pr % group;
-    lr.var[i] = Var::row(p.variant, lr.head[i]);
+  for (int r = 0; r < kLaneRows; ++r) {
+    const int row = lane_row(warp, lane, r);
+    lr.valid[r] = row < tl.rows;
+    const int pr = tl.r0 + (lr.valid[r] ? row : 0);
+    lr.qp[r] = tl.kv_len - tl.q_len + pr / group;
+    lr.head[r] = kv_head * group + pr % group;
+    lr.var[r] = Var::row(p.variant, lr.head[r]);
   }
 
   cp_async_wait<kStages - 1>();  // Q has landed
-  __syncthreads();
-  uint32_t qa[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-    ldmatrix_x4(qa[kk], smem_addr(sq) + swizzle<kChunks>(warp * 16 + lane % 16, 2 * kk + lane / 16));
+  __syncthreads();  // ... and every thread is done reading the prologue's page-id slots
+  if (tid < kN) slot(kStages - 1)[tid] = next_page;
+  QFrags qf;
+  qf.init(smem_addr(sq), warp, lane);
 
-  float o[D / 8][4];
+  float o[kMmaM][D / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m[2] = {-CUDART_INF_F, -CUDART_INF_F}, l[2] = {0.f, 0.f};
-  // Rows of this tile see keys up to min_visible_end without any mask.
+  for (int mi = 0; mi < kMmaM; ++mi)
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[mi][i][0] = o[mi][i][1] = o[mi][i][2] = o[mi][i][3] = 0.f;
+  float m[kLaneRows], l[kLaneRows];
+#pragma unroll
+  for (int r = 0; r < kLaneRows; ++r) m[r] = -CUDART_INF_F, l[r] = 0.f;
+  // Rows of this tile see keys below clean_end without any mask.
   const int first_qp = tl.kv_len - tl.q_len + tl.r0 / group;
   const int clean_end = p.causal ? min(tl.kv_len, first_qp + 1) : tl.kv_len;
   const int last_qp = tl.kv_len - tl.q_len + (tl.r0 + tl.rows - 1) / group;
 
   for (int j = 0; j < n_tiles; ++j) {
     const int stage = j % kStages;
-    const int first = tl.kv_begin + j * kN;
+    const int first = tile_first(j);
     cp_async_wait<kStages - 2>();
-    __syncthreads();  // tile j is visible to all; everyone is done with tile j-1's stage
-    const int ahead = j + kStages - 1;  // the tile loaded into the stage tile j-1 used
-    if (ahead < n_tiles) issue_kv(p, tl, pages, sk(ahead % kStages), sv(ahead % kStages), first + (kStages - 1) * kN, kv_head);
+    __syncthreads();  // tile j and the page ids of tile `ahead` are visible; tile j-1's stage is free
+    const int ahead = j + kStages - 1;  // loaded into the stage tile j-1 used
+    if (ahead < n_tiles) issue_kv(p, tl, slot(ahead), sk(ahead % kStages), sv(ahead % kStages), tile_first(ahead), kv_head);
     cp_async_commit();
-    if (ahead + 1 < n_tiles) pages.load(p, tl, first + kStages * kN);
+    if (tid < kN && ahead + 1 < n_tiles) next_page = page_of(p, tl, tile_first(ahead + 1) + tid);
 
     const uint32_t kbase = smem_addr(sk(stage)), vbase = smem_addr(sv(stage));
     const bool masked = first + kN > clean_end || (Var::window && first < last_qp - p.variant.window_left);
     if (masked) {
-      attend_tile<true>(p, tl, lr, qa, o, m, l, kbase, vbase, first, lane);
+      attend_tile<true>(p, tl, lr, qf, o, m, l, kbase, vbase, first, lane);
     } else {
-      attend_tile<false>(p, tl, lr, qa, o, m, l, kbase, vbase, first, lane);
+      attend_tile<false>(p, tl, lr, qf, o, m, l, kbase, vbase, first, lane);
     }
-}
+    // Slot (ahead + 1) % 2 was last read issuing tile ahead - 1, before this iteration's barrier.
+    if (tid < kN) slot(ahead + 1)[tid] = next_page;
+  }
   cp_async_wait<0>();
 
-  // Epilogue: normalise and store this lane's two rows; lse in natural log.
+  // Epilogue: normalise and store this lane's rows; lse in natural log.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < kLaneRows; ++r) {
     const float sum = quad_sum(l[r]);
     if (!lr.valid[r]) continue;
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const int pr = tl.r0 + warp * 16 + lane / 4 + 8 * r;
+    const int pr = tl.r0 + lane_row(warp, lane, r);
     const long token = tl.q0 + pr / group;
     T* dst = static_cast<T*>(p.out) + token * p.out_stride_n + long(lr.head[r]) * p.out_stride_h + 2 * (lane % 4);
+    const int mi = r / 2, h = r % 2;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       *reinterpret_cast<typename Elem<T>::Pair*>(dst + 8 * dt) =
-          Elem<T>::from_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+          Elem<T>::from_float2(o[mi][dt][2 * h] * inv, o[mi][dt][2 * h + 1] * inv);
     }
     if (p.lse && lane % 4 == 0) {
-      p.lse[token * p.lse_stride_n + lr.head[r]] = sum > 0.f ? (m[r] + fast_log2(sum)) * kLn2 : -CUDART_INF_F;
+      p.lse[token * p.lse_stride_n + lr.head[r]] =
+          sum > 0.f ? (m[r] * lr.unit(r) + fast_log2(sum)) * kLn2 : -CUDART_INF_F;
     }
   }
 }
@@ -300,20 +429,17 @@ __global__ void __launch_bounds__(kPlanThreads) prefill_plan_kernel(const int32_
   for (int base = 0; base < rows; base += kPlanThreads) {
     const int b = base + tid;
     int tiles = 0;
+    int4 req;
     if (b < rows) {
-      const int q_len = qo_indptr[b + 1] - qo_indptr[b];
-      tiles = (q_len * group + kM - 1) / kM;
-      plan.qo_start[b] = qo_indptr[b];
-      plan.kv_len[b] = kv_lens[b];
-      plan.page_ptr[b] = indptr[b];
-      if (b == rows - 1) plan.qo_start[rows] = qo_indptr[rows];
+      req = make_int4(qo_indptr[b], qo_indptr[b + 1] - qo_indptr[b], kv_lens[b], indptr[b]);
+      tiles = (req.y * group + kM - 1) / kM;
     }
     int first, total;
     PlanScan(scan).ExclusiveSum(tiles, first, total);
     first += carry;
     // The last tile of a request sees the most KV under a causal mask: schedule it first.
     for (int i = 0; i < tiles && first + i < max_tiles; ++i) {
-      plan.tile_row[first + i] = b;
+      plan.tile[first + i] = req;
       plan.tile_idx[first + i] = tiles - 1 - i;
     }
     __syncthreads();

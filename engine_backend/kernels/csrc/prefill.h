@@ -10,14 +10,12 @@ namespace eb {
 // Written by the planning kernel from the BSR, read by the attention kernel; int32 device
 // arrays owned by the Python wrapper. The work is one CTA per (query tile, KV head); query
 // tiles pack (token, query head of the KV head's group) pairs, token-major, so every K/V tile
-// loaded serves all query heads of its group.
+// loaded serves all query heads of its group. Each tile carries its request's numbers, so a CTA
+// reads them in one load rather than through a tile -> request indirection.
 struct PrefillPlan {
-  int32_t* header;     // [2] rows, query tiles
-  int32_t* qo_start;   // [max_rows + 1] copy of qo_indptr
-  int32_t* kv_len;     // [max_rows]
-  int32_t* page_ptr;   // [max_rows] copy of indptr
-  int32_t* tile_row;   // [max_tiles] request of each query tile
-  int32_t* tile_idx;   // [max_tiles] index of the tile within its request
+  int32_t* header;  // [2] rows, query tiles
+  int4* tile;       // [max_tiles] {first query, query count, KV length, first page index} of its request
+  int32_t* tile_idx;  // [max_tiles] index of the tile within its request
 };
 
 struct PrefillParams {

@@ -12,17 +12,15 @@ constexpr at::ScalarType kDtype = ${TORCH_DTYPE};
 constexpr int kHeadDim = ${HEAD_DIM};
 
 // The plan lives in one int32 buffer; this carves it into the arrays of eb::PrefillPlan.
-eb::PrefillPlan carve_plan(const at::Tensor& buf, int64_t max_rows, int64_t max_tiles) {
+eb::PrefillPlan carve_plan(const at::Tensor& buf, int64_t max_tiles) {
   TORCH_CHECK(buf.scalar_type() == at::kInt && buf.is_contiguous(), "plan buffer must be contiguous int32");
-  const int64_t need = 4 + (max_rows + 1) + 2 * max_rows + 2 * max_tiles;
+  const int64_t need = 4 + 5 * max_tiles;
   TORCH_CHECK(buf.numel() >= need, "plan buffer too small: ", buf.numel(), " < ", need);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(buf.data_ptr()) % 16 == 0, "plan buffer must be 16-byte aligned");
   int32_t* p = buf.data_ptr<int32_t>();
   eb::PrefillPlan plan;
   plan.header = p, p += 4;
-  plan.qo_start = p, p += max_rows + 1;
-  plan.kv_len = p, p += max_rows;
-  plan.page_ptr = p, p += max_rows;
-  plan.tile_row = p, p += max_tiles;
+  plan.tile = reinterpret_cast<int4*>(p), p += 4 * max_tiles;
   plan.tile_idx = p;
   return plan;
 }
@@ -34,19 +32,19 @@ void plan(const at::Tensor& qo_indptr, const at::Tensor& indptr, const at::Tenso
   const int64_t rows = kv_lens.size(0);
   TORCH_CHECK(rows <= max_rows, "batch of ", rows, " requests exceeds max_batch_size ", max_rows);
   eb::prefill_plan_launch(qo_indptr.data_ptr<int32_t>(), indptr.data_ptr<int32_t>(), kv_lens.data_ptr<int32_t>(),
-                          rows, carve_plan(plan_buf, max_rows, max_tiles), group, max_tiles,
+                          rows, carve_plan(plan_buf, max_tiles), group, max_tiles,
                           eb::current_stream(plan_buf));
   eb::check_launch("prefill plan");
 }
 
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
          const at::Tensor& plan_buf, const at::Tensor& out, const std::optional<at::Tensor>& lse,
-         const std::optional<at::Tensor>& alibi, int64_t max_rows, int64_t max_tiles, int64_t launch_tiles,
+         const std::optional<at::Tensor>& alibi, int64_t max_tiles, int64_t launch_tiles,
          int64_t page_size, bool causal, double sm_scale, double soft_cap, int64_t window_left) {
   c10::cuda::CUDAGuard guard(q.device());
   eb::PrefillParams p{};
   eb::fill_paged_io(p, q, k, v, indices, page_size, out, lse, kDtype, kHeadDim);
-  p.plan = carve_plan(plan_buf, max_rows, max_tiles);
+  p.plan = carve_plan(plan_buf, max_tiles);
   p.max_tiles = launch_tiles;
   p.causal = causal;
   p.variant = eb::variant_params(sm_scale, soft_cap, window_left, alibi);
@@ -63,7 +61,7 @@ TORCH_LIBRARY(EB_NAMESPACE, m) {
         "int group) -> ()",
         &plan);
   m.def("run(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor plan, Tensor(a!) out, Tensor(b!)? lse, "
-        "Tensor? alibi, int max_rows, int max_tiles, int launch_tiles, int page_size, bool causal, float sm_scale, "
+        "Tensor? alibi, int max_tiles, int launch_tiles, int page_size, bool causal, float sm_scale, "
         "float soft_cap, int window_left) -> ()",
         &run);
   m.def("tile_rows() -> int", &tile_rows);

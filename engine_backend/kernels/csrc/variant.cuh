@@ -9,6 +9,9 @@ namespace eb {
 
 template <bool kSoftCap, bool kWindow, bool kAlibi> struct Variant {
   static constexpr bool soft_cap = kSoftCap, window = kWindow, alibi = kAlibi;
+  // The score is the raw dot product times a positive per-row constant, so a kernel may take
+  // its running max on raw dot products and fold the scale into the exponent.
+  static constexpr bool linear = !kSoftCap && !kAlibi;
 
   // Per-(query head) constants, computed once per tile row.
   struct Row {

@@ -1,0 +1,104 @@
+"""Prefill tile shapes side by side: an experiment, not a test or a benchmark of record.
+
+    python scripts/prefill_experiment.py --prebuild --arch 90a   # here: compile the variants
+    python scripts/prefill_experiment.py --out DIR               # on the GPU
+
+Each configuration is the same kernel source built with other compile-time tile shapes
+(EB_PREFILL_MMA_M: 16-row MMA tiles per warp; EB_PREFILL_KV_TILE: KV tokens per tile) and
+warps per CTA, timed on bench_prefill's shapes; its output is compared with the default's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_prefill import APPEND, D, DTYPE, HKV, HQ, SHAPES, append_case, ragged, tflops  # noqa: E402
+from benchmarks.timing import time_cuda  # noqa: E402
+from engine_backend import BSR, prefill  # noqa: E402
+from engine_backend.kernels import jit  # noqa: E402
+from engine_backend.variants import DEFAULT  # noqa: E402
+
+# name -> (warps, extra nvcc flags); the first is the default build
+CONFIGS = {
+    "default": (4, ()),
+    "eager-rescale": (4, ("-DEB_PREFILL_LAZY_RESCALE=0",)),
+    "kv32": (4, ("-DEB_PREFILL_KV_TILE=32",)),
+    "stages3-1cta": (4, ("-DEB_PREFILL_STAGES=3",)),
+    "w8": (8, ()),
+    "mma16rows-w8": (8, ("-DEB_PREFILL_MMA_M=1",)),
+}
+_default_spec = prefill.kernel_spec
+
+
+def spec(warps: int, flags) -> jit.KernelSpec:
+    base = _default_spec(DTYPE, D, DEFAULT, warps)
+    return jit.KernelSpec.make(base.name, base.sources, dict(base.params), cuda_flags=flags)
+
+
+def make_prefill(warps: int, flags, page_size: int, rows: int, tokens: int) -> prefill.BatchPrefill:
+    original = prefill.kernel_spec
+    prefill.kernel_spec = lambda dtype, dim, variant, w=None: spec(warps, flags)
+    try:
+        return prefill.BatchPrefill(HQ, HKV, D, page_size, dtype=DTYPE, max_batch_size=rows, max_num_tokens=tokens)
+    finally:
+        prefill.kernel_spec = original
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def cases():
+    for b, length in SHAPES:
+        q, k, v, indptr = ragged(b, length)
+        total = q.shape[0]
+        yield f"{b}x{length}", 2 * b * HQ * D * length * length, 1, b, q, k.unsqueeze(1), v.unsqueeze(1), \
+            BSR.from_ragged(indptr, total)
+    q, k, v, table, seq, qo = append_case()
+    b, new, cached, page = APPEND
+    flops = 4 * b * HQ * D * sum(cached + i + 1 for i in range(new))
+    yield f"append {b}x{new}+{cached}", flops, page, b, q, k, v, BSR.from_block_table(table, seq, page, qo)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prebuild", action="store_true")
+    parser.add_argument("--arch", default=None)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.prebuild:
+        for warps, flags in CONFIGS.values():
+            print(jit.build(spec(warps, flags), args.arch))
+        return
+    torch.manual_seed(0)
+    rows = []
+    for name, flops, page, b, q, k, v, bsr in cases():
+        row = {"shape": name, "flops": flops}
+        ref = None
+        for cfg, (warps, flags) in CONFIGS.items():
+            pre = make_prefill(warps, flags, page, b, q.shape[0])
+            pre.plan(bsr)
+            out = torch.empty_like(q)
+            us = time_cuda(lambda: pre.run(q, k, v, out=out)).median_ms * 1e3
+            ref = out.clone() if ref is None else ref
+            row[cfg] = {"us": us, "tflops": tflops(flops, us), "rel_vs_default": rel(out, ref)}
+            print(f"{name:22s} {cfg:8s} {us:9.1f} us {tflops(flops, us):6.0f} TFLOP/s  vs default {rel(out, ref):.1e}",
+                  flush=True)
+        rows.append(row)
+        del q, k, v
+        torch.cuda.empty_cache()
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "prefill_experiment.json").write_text(
+            json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
