@@ -1,10 +1,11 @@
 """Decode benchmark: ours vs FlashInfer's BatchDecodeWithPagedKVCacheWrapper (use_tensor_cores=True)
 on the same inputs, in one run, plus the device's copy bandwidth.
 
-    python benchmarks/bench_decode.py [--no-peer] [--out results.json]
+    python benchmarks/bench_decode.py [--no-peer] [--serving-shapes] [--page-size 16] [--out results.json]
 
 Shapes (issue #2): Hq=32, Hkv=8, D=128, page 16, bf16; uniform (B, L) batches, one skewed
-batch (one 32768-token request and 127 of 512), and plan() time at B=128.
+batch (one 32768-token request and 127 of 512), and plan() time at B=128. `--page-size 1` is
+SGLang's default layout (one token per page, pages scattered).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ SHAPES = [("1x32768", [32768]), ("16x1024", [1024] * 16), ("16x8192", [8192] * 1
 SERVING_SHAPES = [("8x256", [256] * 8), ("32x512", [512] * 32), ("48x512", [512] * 48), ("48x1024", [1024] * 48)]
 
 
-def make_batch(lens):
-    pages = [-(-n // PAGE) for n in lens]
+def make_batch(lens, page=PAGE):
+    pages = [-(-n // page) for n in lens]
     pool = sum(pages)
     perm = torch.randperm(pool, device="cuda", dtype=torch.int64).to(torch.int32)
     width = max(pages)
@@ -43,7 +44,7 @@ def make_batch(lens):
     for r, n in enumerate(pages):
         table[r, :n] = perm[at : at + n]
         at += n
-    kv = torch.randn(2, pool, PAGE, HKV, D, dtype=DTYPE, device="cuda")
+    kv = torch.randn(2, pool, page, HKV, D, dtype=DTYPE, device="cuda")
     seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
     q = torch.randn(len(lens), HQ, D, dtype=DTYPE, device="cuda")
     return q, kv[0], kv[1], table, seq
@@ -53,9 +54,9 @@ def kv_bytes(lens) -> int:
     return sum(lens) * HKV * D * 2 * 2
 
 
-def bench_ours(q, k, v, table, seq):
-    dec = BatchDecode(HQ, HKV, D, PAGE, dtype=DTYPE, max_batch_size=max(256, q.shape[0]))
-    bsr = BSR.from_block_table(table, seq, PAGE)
+def bench_ours(q, k, v, table, seq, page=PAGE):
+    dec = BatchDecode(HQ, HKV, D, page, dtype=DTYPE, max_batch_size=max(256, q.shape[0]))
+    bsr = BSR.from_block_table(table, seq, page)
     dec.plan(bsr)
     out = torch.empty_like(q)
     t = time_cuda(lambda: dec.run(q, k, v, out=out))
@@ -66,10 +67,10 @@ def bench_ours(q, k, v, table, seq):
     return t, t_graph, out, dec, bsr
 
 
-def bench_peer(q, k, v, table, seq):
+def bench_peer(q, k, v, table, seq, page=PAGE):
     from benchmarks import peers
 
-    return peers.flashinfer_decode(q, k, v, table, seq, PAGE)
+    return peers.flashinfer_decode(q, k, v, table, seq, page)
 
 
 def plan_time(dec: BatchDecode, bsr: BSR, reps: int = 200) -> float:
@@ -88,13 +89,15 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--serving-shapes", action="store_true", help="the small batches of a serving run instead")
+    parser.add_argument("--page-size", type=int, default=PAGE, help="tokens per KV page (1: SGLang's default)")
     args = parser.parse_args()
+    page = args.page_size
     torch.manual_seed(0)
     copy_bw = copy_bandwidth()  # bytes/s, read + write
     rows = []
     for name, lens in SERVING_SHAPES if args.serving_shapes else SHAPES:
-        q, k, v, table, seq = make_batch(lens)
-        t, t_graph, out, dec, bsr = bench_ours(q, k, v, table, seq)
+        q, k, v, table, seq = make_batch(lens, page)
+        t, t_graph, out, dec, bsr = bench_ours(q, k, v, table, seq, page)
         row = {"shape": name, "ours_us": t.median_ms * 1e3, "ours_graph_us": t_graph.median_ms * 1e3,
                "bytes": kv_bytes(lens)}
         if len(lens) <= 16:  # spot-check the timed output against the reference
@@ -102,7 +105,7 @@ def main() -> None:
             row["ours_rel_err"] = float((out.float() - ref.float()).norm() / ref.float().norm())
         if not args.no_peer:
             try:
-                pt, pout = bench_peer(q, k, v, table, seq)
+                pt, pout = bench_peer(q, k, v, table, seq, page)
                 row["flashinfer_us"] = pt.median_ms * 1e3
                 row["agree_rel_err"] = float((out.float() - pout.float()).norm() / pout.float().norm())
             except Exception as e:  # noqa: BLE001 - report and keep measuring ours
@@ -110,8 +113,8 @@ def main() -> None:
         rows.append(row)
         del q, k, v, table, seq, out
         torch.cuda.empty_cache()
-    q, k, v, table, seq = make_batch([1024] * 128)
-    _, _, _, dec, bsr = bench_ours(q, k, v, table, seq)
+    q, k, v, table, seq = make_batch([1024] * 128, page)
+    _, _, _, dec, bsr = bench_ours(q, k, v, table, seq, page)
     plan_us = plan_time(dec, bsr)
     plan_gpu = time_cuda(lambda: dec.plan(bsr), flush=False).median_ms * 1e3
     peer_plan_us = None
@@ -119,18 +122,20 @@ def main() -> None:
         try:
             from benchmarks import peers
 
-            peer_plan_us = peers.flashinfer_decode_plan_us(table, seq, PAGE, HQ, HKV, D)
+            peer_plan_us = peers.flashinfer_decode_plan_us(table, seq, page, HQ, HKV, D)
         except Exception as e:  # noqa: BLE001
             peer_plan_us = f"error: {e}"[:120]
-    print_table(rows, copy_bw, plan_us, plan_gpu, peer_plan_us)
+    print_table(rows, copy_bw, plan_us, plan_gpu, peer_plan_us, page)
     if args.out:
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_bw": copy_bw, "rows": rows,
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "page_size": page,
+                                        "copy_bw": copy_bw, "rows": rows,
                                         "plan_host_us": plan_us, "plan_gpu_us": plan_gpu,
                                         "flashinfer_plan_us": peer_plan_us}, indent=2))
 
 
-def print_table(rows, copy_bw, plan_us, plan_gpu, peer_plan_us) -> None:
-    print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s")
+def print_table(rows, copy_bw, plan_us, plan_gpu, peer_plan_us, page) -> None:
+    print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s  "
+          f"page size: {page}")
     print("| shape | ours µs | ours TB/s | ours % copy | FlashInfer µs | FI % copy | ours / FI time | ours in a graph µs (% copy) | max rel err |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
