@@ -293,8 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out).resolve()
     if args.dry_run:
         for backend in backends:
-            print(shown(engine.server_command(work, backend, 8000), overrides))
+            traces = out_dir / backend / TRACE_DIR
+            extra = engine.profile_server_args(traces, args.profile_steps) if args.profile_steps else []
+            print(shown(engine.server_command(work, backend, 8000) + extra, overrides))
             print(shown(engine.client_command(work, 8000, out_dir / backend / engine.result_filename), overrides))
+            if args.profile_steps:
+                print(shown(engine.profile_command(work, 8000, traces, args.profile_steps), overrides))
         return 0
 
     signal.signal(signal.SIGTERM, _raise_interrupted)

@@ -217,3 +217,16 @@ def test_server_left_by_an_interrupted_run_is_killed_before_the_next(tmp_path):
     while live_group_members(group) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert live_group_members(group) == [] and not (tmp_path / serve_bench.PGID_FILE).exists()
+
+
+def test_dry_run_shows_the_profiled_commands(tmp_path, capsys):
+    assert serve_bench.main(["--engine", "vllm", "--backends", "CUSTOM", "--out", str(tmp_path), "--dry-run",
+                             "--profile-steps", "30"]) == 0
+    out = capsys.readouterr().out
+    server = out.splitlines()[0]
+    assert "--profiler-config" in server and '"max_iterations": 30' in server
+    assert "bench serve" in out and "/start_profile" in out and "/stop_profile" in out
+    assert serve_bench.main(["--engine", "sglang", "--backends", "triton", "--out", str(tmp_path), "--dry-run",
+                             "--profile-steps", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "--profiler-config" not in out and "-m sglang.profiler" in out and "--num-steps 30" in out
