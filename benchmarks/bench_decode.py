@@ -1,11 +1,15 @@
-"""Decode benchmark: ours vs FlashInfer's BatchDecodeWithPagedKVCacheWrapper (use_tensor_cores=True)
-on the same inputs, in one run, plus the device's copy bandwidth.
+"""Decode benchmark: ours vs peers on the same inputs, in one run, plus the device's copy bandwidth.
 
-    python benchmarks/bench_decode.py [--no-peer] [--serving-shapes] [--page-size 16] [--out results.json]
+    python benchmarks/bench_decode.py [--no-peer] [--peers flashinfer,vllm_fa3,sglang_triton]
+                                      [--serving-shapes] [--page-size 16] [--out results.json]
 
 Shapes (issue #2): Hq=32, Hkv=8, D=128, page 16, bf16; uniform (B, L) batches, one skewed
 batch (one 32768-token request and 127 of 512), and plan() time at B=128. `--page-size 1` is
 SGLang's default layout (one token per page, pages scattered).
+
+Peers: `flashinfer` (BatchDecodeWithPagedKVCacheWrapper, use_tensor_cores=True; the default), and the
+engines' own decode kernels where that engine is installed (benchmarks/engine_peers.py): `vllm_fa3`
+(vLLM's FLASH_ATTN backend on Hopper) and `sglang_triton` (SGLang's triton backend, page size 1 only).
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ SHAPES = [("1x32768", [32768]), ("16x1024", [1024] * 16), ("16x8192", [8192] * 1
           ("skewed 1x32768+127x512", [32768] + [512] * 127)]
 # Decode batches as a serving run sees them (ShareGPT at 16 req/s: up to ~50 requests, a few hundred
 # to a few thousand tokens each): here the fixed cost of a launch, not bandwidth, sets the time.
-SERVING_SHAPES = [("8x256", [256] * 8), ("32x512", [512] * 32), ("48x512", [512] * 48), ("48x1024", [1024] * 48)]
+def ragged_lens(count: int, low: int, high: int, seed: int = 0) -> list[int]:
+    """``count`` lengths uniform in [low, high], the same on every run."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high + 1, (count,), generator=gen).tolist()
+
+
+SERVING_SHAPES = [("8x256", [256] * 8), ("32x512", [512] * 32), ("48x512", [512] * 48), ("48x1024", [1024] * 48),
+                  ("56 ragged 64-2048", ragged_lens(56, 64, 2048))]
 
 
 def make_batch(lens, page=PAGE):
@@ -67,10 +78,20 @@ def bench_ours(q, k, v, table, seq, page=PAGE):
     return t, t_graph, out, dec, bsr
 
 
-def bench_peer(q, k, v, table, seq, page=PAGE):
-    from benchmarks import peers
+def bench_peer(name, q, k, v, table, seq, page=PAGE):
+    """(timing, output) of one peer on the batch."""
+    from benchmarks import engine_peers, peers
 
-    return peers.flashinfer_decode(q, k, v, table, seq, page)
+    if name == "flashinfer":
+        return peers.flashinfer_decode(q, k, v, table, seq, page)
+    if name == "vllm_fa3":
+        return peers.measure(engine_peers.vllm_fa3_decode_peer(q, k, v, table, seq))
+    if name == "sglang_triton":
+        return peers.measure(engine_peers.sglang_triton_decode_peer(q, k, v, table, seq))
+    raise ValueError(f"unknown peer {name!r}; known: {list(PEERS)}")
+
+
+PEERS = ("flashinfer", "vllm_fa3", "sglang_triton")
 
 
 def plan_time(dec: BatchDecode, bsr: BSR, reps: int = 200) -> float:
@@ -90,8 +111,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--serving-shapes", action="store_true", help="the small batches of a serving run instead")
     parser.add_argument("--page-size", type=int, default=PAGE, help="tokens per KV page (1: SGLang's default)")
+    parser.add_argument("--peers", default="flashinfer", help=f"comma-separated, of {', '.join(PEERS)}")
     args = parser.parse_args()
     page = args.page_size
+    peer_names = [] if args.no_peer else [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = sorted(set(peer_names) - set(PEERS))
+    if unknown:
+        parser.error(f"unknown peers {unknown}; known: {list(PEERS)}")
     torch.manual_seed(0)
     copy_bw = copy_bandwidth()  # bytes/s, read + write
     rows = []
@@ -103,13 +129,14 @@ def main() -> None:
         if len(lens) <= 16:  # spot-check the timed output against the reference
             ref, _ = reference.attention(q, k, v, bsr)
             row["ours_rel_err"] = float((out.float() - ref.float()).norm() / ref.float().norm())
-        if not args.no_peer:
+        row["peers"] = {}
+        for peer in peer_names:
             try:
-                pt, pout = bench_peer(q, k, v, table, seq, page)
-                row["flashinfer_us"] = pt.median_ms * 1e3
-                row["agree_rel_err"] = float((out.float() - pout.float()).norm() / pout.float().norm())
-            except Exception as e:  # noqa: BLE001 - report and keep measuring ours
-                row["flashinfer_error"] = f"{type(e).__name__}: {e}"[:200]
+                pt, pout = bench_peer(peer, q, k, v, table, seq, page)
+                row["peers"][peer] = {"us": pt.median_ms * 1e3,
+                                      "agree_rel_err": float((out.float() - pout.float()).norm() / pout.float().norm())}
+            except Exception as e:  # noqa: BLE001 - report and keep measuring ours and the others
+                row["peers"][peer] = {"error": f"{type(e).__name__}: {e}"[:200]}
         rows.append(row)
         del q, k, v, table, seq, out
         torch.cuda.empty_cache()
@@ -118,39 +145,49 @@ def main() -> None:
     plan_us = plan_time(dec, bsr)
     plan_gpu = time_cuda(lambda: dec.plan(bsr), flush=False).median_ms * 1e3
     peer_plan_us = None
-    if not args.no_peer:
+    if "flashinfer" in peer_names:
         try:
             from benchmarks import peers
 
             peer_plan_us = peers.flashinfer_decode_plan_us(table, seq, page, HQ, HKV, D)
         except Exception as e:  # noqa: BLE001
             peer_plan_us = f"error: {e}"[:120]
-    print_table(rows, copy_bw, plan_us, plan_gpu, peer_plan_us, page)
+    print_table(rows, copy_bw, plan_us, plan_gpu, peer_plan_us, page, peer_names)
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "page_size": page,
-                                        "copy_bw": copy_bw, "rows": rows,
+                                        "copy_bw": copy_bw, "rows": rows, "peers": peer_names,
                                         "plan_host_us": plan_us, "plan_gpu_us": plan_gpu,
                                         "flashinfer_plan_us": peer_plan_us}, indent=2))
 
 
-def print_table(rows, copy_bw, plan_us, plan_gpu, peer_plan_us, page) -> None:
+def percent_of_copy(nbytes: int, us: float, copy_bw: float) -> float:
+    return 100 * nbytes / (us * 1e-6) / copy_bw
+
+
+def print_table(rows, copy_bw, plan_us, plan_gpu, peer_plan_us, page, peer_names) -> None:
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s  "
           f"page size: {page}")
-    print("| shape | ours µs | ours TB/s | ours % copy | FlashInfer µs | FI % copy | ours / FI time | ours in a graph µs (% copy) | max rel err |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    peer_heads = "".join(f" {p} µs (% copy) | ours / {p} |" for p in peer_names)
+    print(f"| shape | ours µs | ours % copy |{peer_heads} ours in a graph µs (% copy) | max rel err |")
+    print("|---|---|---|" + "---|---|" * len(peer_names) + "---|---|")
     for r in rows:
-        ours_bw = r["bytes"] / (r["ours_us"] * 1e-6)
-        fi = r.get("flashinfer_us")
-        fi_cols = (f"{fi:.1f} | {100 * r['bytes'] / (fi * 1e-6) / copy_bw:.0f} % | {r['ours_us'] / fi:.2f}"
-                   if fi else f"{r.get('flashinfer_error', 'n/a')} | | ")
-        err = max(r.get("ours_rel_err", 0.0), r.get("agree_rel_err", 0.0))
+        nbytes, ours = r["bytes"], r["ours_us"]
+        cols, errs = [], [r.get("ours_rel_err", 0.0)]
+        for p in peer_names:
+            result = r["peers"][p]
+            if "us" in result:
+                cols.append(f"{result['us']:.1f} ({percent_of_copy(nbytes, result['us'], copy_bw):.0f} %) | "
+                            f"{ours / result['us']:.2f}")
+                errs.append(result["agree_rel_err"])
+            else:
+                cols.append(f"{result['error']} | ")
         g = r["ours_graph_us"]
-        graph_col = f"{g:.1f} ({100 * r['bytes'] / (g * 1e-6) / copy_bw:.0f} %)"
-        print(f"| {r['shape']} | {r['ours_us']:.1f} | {ours_bw / 1e12:.2f} | {100 * ours_bw / copy_bw:.0f} % | "
-              f"{fi_cols} | {graph_col} | {err:.1e} |")
+        print(f"| {r['shape']} | {ours:.1f} | {percent_of_copy(nbytes, ours, copy_bw):.0f} % | "
+              + "".join(c + " | " for c in cols)
+              + f"{g:.1f} ({percent_of_copy(nbytes, g, copy_bw):.0f} %) | {max(errs):.1e} |")
+    shown = peer_plan_us if isinstance(peer_plan_us, str) or peer_plan_us is None else f"{peer_plan_us:.1f} µs"
     print(f"plan() at B=128: host {plan_us:.1f} µs per call (one kernel launch; device time {plan_gpu:.1f} µs); "
-          f"FlashInfer plan(): {peer_plan_us if isinstance(peer_plan_us, str) or peer_plan_us is None else f'{peer_plan_us:.1f} µs'}")
-
+          f"FlashInfer plan(): {shown}")
 
 if __name__ == "__main__":
     main()

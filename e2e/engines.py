@@ -59,6 +59,14 @@ class Engine:
         """Steps in the traces, if known; None: count them as attention launches / the model's layers."""
         return None
 
+    # Between the measured pass and the profiled pass the prefix cache is emptied, so that the profiled
+    # pass prefills its prompts again instead of hitting the cache the first pass filled.
+    flush_cache_path = "/flush_cache"
+
+    def profile_server_env(self) -> dict[str, str]:
+        """Extra server environment a profiled run needs (e.g. to enable the cache-flush endpoint)."""
+        return {}
+
     def profile_command(self, work: Workload, port: int, trace_dir: Path, steps: int) -> list[str]:
         """A command that profiles `steps` steps of the running server and returns once they are written."""
         raise NotImplementedError
@@ -105,6 +113,11 @@ class VllmEngine(Engine):
         config = {"profiler": "torch", "torch_profiler_dir": str(trace_dir), "torch_profiler_with_stack": False,
                   "ignore_frontend": True, "max_iterations": steps}
         return ["--profiler-config", json.dumps(config)]
+
+    flush_cache_path = "/reset_prefix_cache"
+
+    def profile_server_env(self) -> dict[str, str]:
+        return {"VLLM_SERVER_DEV_MODE": "1"}  # serves /reset_prefix_cache (and vLLM's other dev endpoints)
 
     def traced_steps(self, steps: int) -> int | None:
         # Mixed steps replay several piecewise graphs, so launches do not count steps; max_iterations does.

@@ -78,6 +78,8 @@ class FakeHandler(BaseHTTPRequestHandler):
             self._send_json({})
         elif self.path == "/stop_profile" and self.profiler_config:
             self._send_json({})
+        elif self.path in ("/flush_cache", "/reset_prefix_cache"):  # SGLang's, vLLM's (dev mode)
+            self._send_json({})
         else:
             self._send_json({"error": "not found"}, 404)
 

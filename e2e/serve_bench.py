@@ -8,6 +8,10 @@ ShareGPT slice, stop the server, and tabulate TTFT / TPOT / ITL / throughput per
 Each backend's files go to OUT/<backend>/ (server.log, client.log, the client's result, backend.json);
 OUT/results.md and OUT/results.json are rewritten after every backend from all backend.json files present,
 so runs of a few backends each (the GPU host allows 10 minutes a command) add up to one table.
+
+With --profile-steps N the server starts with the engine's profiler configured; the client runs once
+unprofiled (the table's figures), then, after the prefix cache is flushed, once more while the profiler
+traces N steps (OUT/<backend>/step_profile.md): one server start buys both.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +40,7 @@ DEFAULT_MODEL = E2E_DIR / "models" / "llama3-8b-shape"
 DEFAULT_DATASET = E2E_DIR / "data" / "sharegpt_300.json"
 BACKEND_FILE = "backend.json"
 TRACE_DIR = "traces"
+PROFILE_PASS = "profile-pass"  # file stem of the profiled pass's client log and result
 PGID_FILE = "server.pgid"
 
 
@@ -106,6 +112,33 @@ def run_client(command: list[str], env: dict[str, str], log_path: Path, timeout_
             raise
 
 
+def run_client_checked(command: list[str], env: dict[str, str], log_path: Path, timeout_s: float,
+                       while_running: Callable[[subprocess.Popen], None] | None = None) -> None:
+    code = run_client(command, env, log_path, timeout_s, while_running)
+    if code != 0:
+        raise RuntimeError(f"client exited with code {code}; log {log_path}:\n{log_tail(log_path)}")
+
+
+def flush_prefix_cache(engine: Engine, port: int) -> None:
+    request = urllib.request.Request(f"http://{HOST}:{port}{engine.flush_cache_path}", method="POST")
+    try:
+        urllib.request.urlopen(request, timeout=60).read()
+    except OSError as error:
+        raise RuntimeError(f"flushing the prefix cache ({engine.flush_cache_path}) failed: {error}") from error
+
+
+def profile_pass(engine: Engine, work: Workload, port: int, backend_dir: Path, env: dict[str, str],
+                 args: argparse.Namespace) -> None:
+    """The same workload again on the same server, its prefix cache flushed, with the profiler tracing."""
+    flush_prefix_cache(engine, port)
+    print(f"[e2e] {engine.name}: prefix cache flushed; profiled pass", flush=True)
+    result_path = backend_dir / (PROFILE_PASS + Path(engine.result_filename).suffix)
+    result_path.unlink(missing_ok=True)
+    hook = profiler(engine, work, port, backend_dir, env, args)
+    run_client_checked(engine.client_command(work, port, result_path), env, backend_dir / f"{PROFILE_PASS}.log",
+                       args.client_timeout, hook)
+
+
 def profiler(engine: Engine, work: Workload, port: int, backend_dir: Path, env: dict[str, str],
              args: argparse.Namespace) -> Callable[[subprocess.Popen], None]:
     """Under load: wait --profile-delay seconds, then trace --profile-steps steps with the engine's profiler."""
@@ -166,13 +199,15 @@ def run_backend(engine: Engine, work: Workload, backend: str, backend_dir: Path,
     result_path.unlink(missing_ok=True)  # SGLang's client appends; a stale result must never be read back
     server_cmd = (fake_server_command(engine, work, backend, port) if args.fake_server
                   else engine.server_command(work, backend, port))
+    server_env = env
     if args.profile_steps:
         server_cmd += engine.profile_server_args(backend_dir / TRACE_DIR, args.profile_steps)
+        server_env = {**env, **engine.profile_server_env()}
     client_cmd = engine.client_command(work, port, result_path)
     result = BackendResult(backend=backend, status="failed: not run", metrics={}, completed=None,
                            num_prompts=work.num_prompts, server_command=shown(server_cmd, overrides),
                            client_command=shown(client_cmd, overrides), context=dict(context or {}))
-    server = ServerProcess(server_cmd, env, backend_dir / "server.log")
+    server = ServerProcess(server_cmd, server_env, backend_dir / "server.log")
     try:
         gpu.wait_until_memory_at_most(args.gpu_free_mib, args.gpu_free_timeout)
         print(f"[e2e] {engine.name}/{backend}: starting server on port {port}", flush=True)
@@ -182,14 +217,11 @@ def run_backend(engine: Engine, work: Workload, backend: str, backend_dir: Path,
         result.backend_in_log = engine.backend_in_log(server.log_path.read_text(encoding="utf-8", errors="replace"))
         print(f"[e2e] {engine.name}/{backend}: healthy after {result.server_start_s:.0f} s; running client",
               flush=True)
-        hook = profiler(engine, work, port, backend_dir, env, args) if args.profile_steps else None
-        code = run_client(client_cmd, env, backend_dir / "client.log", args.client_timeout, hook)
-        if code != 0:
-            raise RuntimeError(f"client exited with code {code}; log {backend_dir / 'client.log'}:\n"
-                               f"{log_tail(backend_dir / 'client.log')}")
+        run_client_checked(client_cmd, env, backend_dir / "client.log", args.client_timeout)
         result.metrics, result.completed = metrics_from_client(engine.read_result(result_path))
         result.status = backend_status(backend, result)
-        if args.profile_steps:
+        if args.profile_steps and result.status == "ok":
+            profile_pass(engine, work, port, backend_dir, env, args)
             summary = summarise_traces(backend_dir, engine.traced_steps(args.profile_steps), model_layers(work.model))
             print(f"[e2e] {engine.name}/{backend}: {summary}", flush=True)
     except (ServerError, RuntimeError, TimeoutError, subprocess.TimeoutExpired, KeyError, ValueError, OSError) as error:
@@ -266,9 +298,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="GPU 0 counts as free at or below this many MiB in use")
     parser.add_argument("--gpu-free-timeout", type=float, default=120.0)
     parser.add_argument("--profile-steps", type=int, default=0,
-                        help="trace this many engine steps with the engine's profiler while the client runs, and "
-                             "summarise them into <backend>/step_profile.md (the run's timings then include the "
-                             "profiler's overhead: measure without it)")
+                        help="after the measured pass, run the client again on the same server (prefix cache "
+                             "flushed) and trace this many engine steps with the engine's profiler; summary in "
+                             "<backend>/step_profile.md")
     parser.add_argument("--profile-delay", type=float, default=20.0, help="seconds of load before profiling")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument("--fake-server", action="store_true",
@@ -306,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     context = run_context(engine, work, env, args)
     title = f"Serving benchmark: {engine.name}, ShareGPT, {work.num_prompts} prompts at {work.request_rate:g} req/s"
     if args.profile_steps:
-        title = "[PROFILED: timings include the profiler] " + title
-        context["profiled"] = f"{args.profile_steps} steps traced after {args.profile_delay:g} s of load"
+        context["profiled"] = (f"server started with the profiler configured; the figures are from an unprofiled "
+                               f"pass; then, prefix cache flushed, a second pass traced {args.profile_steps} steps "
+                               f"after {args.profile_delay:g} s of load (<backend>/step_profile.md)")
     if args.fake_server:
         title = "[FAKE SERVER: harness check, not a measurement] " + title
         context["server"] = "e2e/fake_server.py stand-in; these numbers measure nothing"

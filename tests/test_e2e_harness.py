@@ -148,6 +148,9 @@ def test_profiled_run_traces_under_load_and_summarises_the_steps(tmp_path):
     result = run(tmp_path, FakeVllm(client_code=SLOW_CLIENT), profile_steps=4, profile_delay=0.5)
     assert result.status == "ok", result.status
     assert "--profiler-config" in result.server_command  # the engine's profiler is switched on at start
+    # The figures come from the first, unprofiled pass; the profiled pass has its own log and result.
+    assert result.metrics and (tmp_path / "CUSTOM" / "client.log").is_file()
+    assert (tmp_path / "CUSTOM" / "profile-pass.log").is_file()
     summary = (tmp_path / "CUSTOM" / "step_profile.md").read_text()
     # The fake server's trace: per step 30 us of our attention and 70 us of GEMM, 50 us idle between steps.
     assert "steps: 4" in summary and "kernels 100.0 us" in summary
