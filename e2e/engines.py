@@ -131,7 +131,9 @@ class VllmEngine(Engine):
                   "u.urlopen(u.Request(url + '/start_profile', method='POST'), timeout=120).read()\n"
                   "time.sleep(float(sys.argv[2]))\n"
                   "u.urlopen(u.Request(url + '/stop_profile', method='POST'), timeout=600).read()\n")
-        return [work.python, "-c", script, f"http://{HOST}:{port}", str(max(2.0, steps * 0.1))]
+        # The engine stops itself after `steps`; the wait only has to outlast them (steps of a few ms each, plus
+        # the profiler's start-up), and a longer one costs nothing: stop is then a no-op that flushes the trace.
+        return [work.python, "-c", script, f"http://{HOST}:{port}", str(max(10.0, steps * 0.25))]
 
 
 class SglangEngine(Engine):
