@@ -2,7 +2,10 @@
 SDPA (flash, cuDNN) on the same inputs, in one run, plus the measured bf16 GEMM rate; and an
 append case (8 requests x 512 new tokens onto 8192 cached, paged) vs FlashInfer's paged prefill.
 
-    python benchmarks/bench_prefill.py [--no-peer] [--warps 4 8] [--out results.json]
+    python benchmarks/bench_prefill.py [--no-peer] [--tiles] [--out results.json]
+
+"ours" is BatchPrefill as the engines run it: the plan picks its tile shape from the query count.
+``--tiles`` also times the short- and long-query shapes fixed, on every case.
 
 Causal FLOPs (issue #3 convention): 2 * B * Hq * D * L^2 for a batch of B requests of L tokens.
 """
@@ -21,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.ceilings import gemm_rate  # noqa: E402
 from benchmarks.timing import time_cuda  # noqa: E402
 from engine_backend import BSR  # noqa: E402
-from engine_backend.prefill import BatchPrefill  # noqa: E402
+from engine_backend.prefill import BatchPrefill, tile_shapes  # noqa: E402
 
 HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
 SHAPES = [(1, 8192), (4, 4096), (16, 1024), (64, 256)]
@@ -37,14 +40,23 @@ def ragged(b, length):
     return q, k, v, indptr
 
 
-def time_ours_ragged(q, k, v, indptr, warps):
-    total = q.shape[0]
-    pre = BatchPrefill(HQ, HKV, D, 1, dtype=DTYPE, max_batch_size=max(indptr.numel() - 1, 1), max_num_tokens=total,
-                       warps=warps)
-    pre.plan(BSR.from_ragged(indptr, total))
+def time_ours(q, k, v, bsr, page, tile=None):
+    """(timing, output, tile shape the plan ran) of our prefill; ``tile`` fixes the shape."""
+    pre = BatchPrefill(HQ, HKV, D, page, dtype=DTYPE, max_batch_size=bsr.num_rows, max_num_tokens=q.shape[0],
+                       tile=tile)
+    pre.plan(bsr, num_tokens=q.shape[0])
     out = torch.empty_like(q)
-    k1, v1 = k.unsqueeze(1), v.unsqueeze(1)
-    return time_cuda(lambda: pre.run(q, k1, v1, out=out)), out
+    return time_cuda(lambda: pre.run(q, k, v, out=out)), out, pre.tile
+
+
+def ours_variants(q, k, v, bsr, page, with_tiles: bool) -> tuple[dict, torch.Tensor]:
+    """Microseconds of ours (the plan's choice) and, with_tiles, of each fixed shape; and our output."""
+    t, out, tile = time_ours(q, k, v, bsr, page)
+    result = {"ours_us": t.median_ms * 1e3, "ours_tile": f"{tile.warps} warps x {tile.kv_tile} keys"}
+    if with_tiles:
+        for name, shape in zip(("short", "long"), tile_shapes(D)):
+            result[f"ours_{name}_us"] = time_ours(q, k, v, bsr, page, shape)[0].median_ms * 1e3
+    return result, out
 
 
 def append_case():
@@ -62,7 +74,7 @@ def append_case():
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--no-peer", action="store_true")
-    parser.add_argument("--warps", type=int, nargs="*", default=[4])
+    parser.add_argument("--tiles", action="store_true", help="also time each tile shape fixed")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -72,10 +84,8 @@ def main() -> None:
         q, k, v, indptr = ragged(b, length)
         flops = 2 * b * HQ * D * length * length
         row = {"shape": f"{b}x{length}", "flops": flops}
-        outs = {}
-        for w in args.warps:
-            t, outs[f"ours{w}"] = time_ours_ragged(q, k, v, indptr, w)
-            row[f"ours_w{w}_us"] = t.median_ms * 1e3
+        ours, ref = ours_variants(q, k.unsqueeze(1), v.unsqueeze(1), BSR.from_ragged(indptr, q.shape[0]), 1, args.tiles)
+        row.update(ours)
         if not args.no_peer:
             from benchmarks import peers
 
@@ -83,7 +93,6 @@ def main() -> None:
                 try:
                     t, out = fn(q, k, v, indptr)
                     row[f"{name}_us"] = t.median_ms * 1e3
-                    ref = next(iter(outs.values()))
                     row[f"{name}_rel_diff"] = float((out.float() - ref.float()).norm() / out.float().norm())
                 except Exception as e:  # noqa: BLE001 - a missing peer must not hide our numbers
                     row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:160]
@@ -92,21 +101,20 @@ def main() -> None:
         torch.cuda.empty_cache()
     q, k, v, table, seq, qo = append_case()
     b, new, cached, page = APPEND
-    pre = BatchPrefill(HQ, HKV, D, page, dtype=DTYPE, max_batch_size=b, max_num_tokens=q.shape[0])
-    pre.plan(BSR.from_block_table(table, seq, page, qo))
-    out = torch.empty_like(q)
-    t = time_cuda(lambda: pre.run(q, k, v, out=out))
     flops = 4 * b * HQ * D * sum(cached + i + 1 for i in range(new))  # each query sees its causal prefix
-    append = {"shape": f"append {b}x{new} onto {cached}", "flops": flops, "ours_us": t.median_ms * 1e3}
+    append = {"shape": f"append {b}x{new} onto {cached}", "flops": flops}
+    ours, out = ours_variants(q, k, v, BSR.from_block_table(table, seq, page, qo), page, args.tiles)
+    append.update(ours)
     if not args.no_peer:
         from benchmarks import peers
 
-        try:
-            pt, pout = peers.flashinfer_paged_prefill(q, k, v, table, seq, qo, page)
-            append["flashinfer_fa2_us"] = pt.median_ms * 1e3
-            append["rel_diff"] = float((out.float() - pout.float()).norm() / pout.float().norm())
-        except Exception as e:  # noqa: BLE001
-            append["flashinfer_error"] = f"{type(e).__name__}: {e}"[:160]
+        for backend in peers.FLASHINFER_BACKENDS:
+            try:
+                pt, pout = peers.flashinfer_paged_prefill(q, k, v, table, seq, qo, page, backend=backend)
+                append[f"flashinfer_{backend}_us"] = pt.median_ms * 1e3
+                append[f"flashinfer_{backend}_rel_diff"] = float((out.float() - pout.float()).norm() / pout.float().norm())
+            except Exception as e:  # noqa: BLE001
+                append[f"flashinfer_{backend}_error"] = f"{type(e).__name__}: {e}"[:160]
     print_tables(rows, append, gemm)
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "gemm_flops": gemm, "rows": rows,
@@ -130,11 +138,11 @@ def print_tables(rows, append, gemm) -> None:
         print(f"| {r['shape']} | " + " | ".join(cells) + " |")
     for r in rows:
         for key, val in r.items():
-            if key.endswith("_error") or key.endswith("_rel_diff"):
+            if key.endswith(("_error", "_rel_diff", "_tile")):
                 print(f"  {r['shape']} {key}: {val}")
     print(f"append: {append}")
-    print(f"append ours: {append['ours_us']:.1f} µs = {tflops(append['flops'], append['ours_us']):.0f} TFLOP/s"
-          + (f"; FlashInfer fa2 paged: {append['flashinfer_fa2_us']:.1f} µs" if "flashinfer_fa2_us" in append else ""))
+    timed = [(key[:-3], us) for key, us in append.items() if key.endswith("_us")]
+    print("append (µs, TFLOP/s): " + "; ".join(f"{name} {us:.1f} ({tflops(append['flops'], us):.0f})" for name, us in timed))
 
 
 if __name__ == "__main__":

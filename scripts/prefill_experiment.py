@@ -3,9 +3,10 @@
     python scripts/prefill_experiment.py --prebuild --arch 90a   # here: compile the variants
     python scripts/prefill_experiment.py --out DIR               # on the GPU
 
-Each configuration is the same kernel source built with other compile-time tile shapes
-(EB_PREFILL_MMA_M: 16-row MMA tiles per warp; EB_PREFILL_KV_TILE: KV tokens per tile) and
-warps per CTA, timed on bench_prefill's shapes; its output is compared with the default's.
+Each configuration is the same kernel source built with other compile-time choices
+(EB_PREFILL_MMA_M: 16-row MMA tiles per warp; EB_PREFILL_SKIP_MASKED_KEYS: skip a warp's wholly
+masked key chunks on diagonal tiles) and tile shapes (warps per CTA, KV tokens per tile), timed on
+bench_prefill's shapes; its output is compared with the first configuration's.
 """
 
 from __future__ import annotations
@@ -25,28 +26,30 @@ from engine_backend import BSR, prefill  # noqa: E402
 from engine_backend.kernels import jit  # noqa: E402
 from engine_backend.variants import DEFAULT  # noqa: E402
 
-# name -> (warps, extra nvcc flags); the first is the default build
+# name -> (tile shape, extra nvcc flags); the first is the reference the others' outputs are compared with
+SHORT, LONG = prefill.tile_shapes(D)
 CONFIGS = {
-    "default": (4, ()),
-    "eager-rescale": (4, ("-DEB_PREFILL_LAZY_RESCALE=0",)),
-    "kv32": (4, ("-DEB_PREFILL_KV_TILE=32",)),
-    "stages3-1cta": (4, ("-DEB_PREFILL_STAGES=3",)),
-    "w8": (8, ()),
-    "mma16rows-w8": (8, ("-DEB_PREFILL_MMA_M=1",)),
+    "short": (SHORT, ()),
+    "short-skip": (SHORT, ("-DEB_PREFILL_SKIP_MASKED_KEYS=1",)),
+    "4w-kv64": (prefill.TileShape(4, 64), ()),
+    "long": (LONG, ()),
+    "long-no-skip": (LONG, ("-DEB_PREFILL_SKIP_MASKED_KEYS=0",)),
+    "short-again": (SHORT, ()),  # run-to-run noise: the same build timed again
 }
 _default_spec = prefill.kernel_spec
 
 
-def spec(warps: int, flags) -> jit.KernelSpec:
-    base = _default_spec(DTYPE, D, DEFAULT, warps)
+def spec(tile: prefill.TileShape, flags) -> jit.KernelSpec:
+    base = _default_spec(DTYPE, D, DEFAULT, tile)
     return jit.KernelSpec.make(base.name, base.sources, dict(base.params), cuda_flags=flags)
 
 
-def make_prefill(warps: int, flags, page_size: int, rows: int, tokens: int) -> prefill.BatchPrefill:
+def make_prefill(tile: prefill.TileShape, flags, page_size: int, rows: int, tokens: int) -> prefill.BatchPrefill:
     original = prefill.kernel_spec
-    prefill.kernel_spec = lambda dtype, dim, variant, w=None: spec(warps, flags)
+    prefill.kernel_spec = lambda dtype, dim, variant, _tile=None: spec(tile, flags)
     try:
-        return prefill.BatchPrefill(HQ, HKV, D, page_size, dtype=DTYPE, max_batch_size=rows, max_num_tokens=tokens)
+        return prefill.BatchPrefill(HQ, HKV, D, page_size, dtype=DTYPE, max_batch_size=rows, max_num_tokens=tokens,
+                                    tile=tile)
     finally:
         prefill.kernel_spec = original
 
@@ -74,16 +77,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.prebuild:
-        for warps, flags in CONFIGS.values():
-            print(jit.build(spec(warps, flags), args.arch))
+        for tile, flags in CONFIGS.values():
+            print(jit.build(spec(tile, flags), args.arch))
         return
     torch.manual_seed(0)
     rows = []
     for name, flops, page, b, q, k, v, bsr in cases():
         row = {"shape": name, "flops": flops}
         ref = None
-        for cfg, (warps, flags) in CONFIGS.items():
-            pre = make_prefill(warps, flags, page, b, q.shape[0])
+        for cfg, (tile, flags) in CONFIGS.items():
+            pre = make_prefill(tile, flags, page, b, q.shape[0])
             pre.plan(bsr)
             out = torch.empty_like(q)
             us = time_cuda(lambda: pre.run(q, k, v, out=out)).median_ms * 1e3

@@ -9,7 +9,7 @@ import torch
 
 from engine_backend import reference
 from engine_backend.format import BSR
-from engine_backend.prefill import BatchPrefill
+from engine_backend.prefill import LONG_QUERY_TOKENS, BatchPrefill, TileShape
 from engine_backend.variants import Variant
 
 from paged_inputs import TOL, layout_kv, poisoned_like, rel_err, scattered_block_table
@@ -29,15 +29,19 @@ def paged_batch(q_lens, kv_lens, page_size, hq, hkv, dim, dtype, layout="vllm"):
 
 
 def check(pre, q, k, v, bsr, causal, variant=Variant(), alibi=None):
-    pre.plan(bsr)
-    out = poisoned_like(q)
-    _, lse = pre.run(q, k, v, out=out, return_lse=True, alibi_slopes=alibi)
+    """Both tile shapes of ``pre`` against the reference: a plan told of no queries takes the
+    short-query shape, one told nothing the long-query shape."""
     ref, ref_lse = reference.attention(q, k, v, bsr, causal=causal, variant=variant, alibi_slopes=alibi)
-    assert not out.isnan().any(), "output not fully written"
-    assert rel_err(out, ref) < TOL[q.dtype]
     finite = torch.isfinite(ref_lse)
-    assert torch.equal(finite, torch.isfinite(lse))
-    assert torch.allclose(lse[finite], ref_lse[finite], atol=2e-2, rtol=1e-3)
+    for num_tokens, shape in ((0, pre.short_tile), (None, pre.long_tile)):
+        pre.plan(bsr, num_tokens=num_tokens)
+        assert pre.tile == shape
+        out = poisoned_like(q)
+        _, lse = pre.run(q, k, v, out=out, return_lse=True, alibi_slopes=alibi)
+        assert not out.isnan().any(), f"output not fully written ({shape})"
+        assert rel_err(out, ref) < TOL[q.dtype], shape
+        assert torch.equal(finite, torch.isfinite(lse)), shape
+        assert torch.allclose(lse[finite], ref_lse[finite], atol=2e-2, rtol=1e-3), shape
 
 
 def ragged_lens(rng, batch, longest):
@@ -105,9 +109,18 @@ def test_prefill_variants(variant):
     check(BatchPrefill(32, 8, 128, 16, variant=variant), q, k, v, bsr, True, variant, alibi)
 
 
-def test_prefill_eight_warp_tiles_match():
+def test_prefill_plan_picks_tile_shape_by_query_count():
     q, k, v, bsr = paged_batch([300, 50], [900, 50], 16, 32, 8, 128, torch.bfloat16)
-    check(BatchPrefill(32, 8, 128, 16, warps=8), q, k, v, bsr, True)
+    pre = BatchPrefill(32, 8, 128, 16)
+    assert pre.short_tile != pre.long_tile  # head dim 128 has two tuned shapes
+    pre.plan(bsr, num_tokens=350)  # 175 per request
+    assert pre.tile == pre.short_tile
+    pre.plan(bsr, num_tokens=2 * LONG_QUERY_TOKENS)
+    assert pre.tile == pre.long_tile
+    fixed = BatchPrefill(32, 8, 128, 16, tile=TileShape(8, 64))
+    fixed.plan(bsr, num_tokens=350)
+    assert fixed.tile == TileShape(8, 64)
+    check(fixed, q, k, v, bsr, True)
 
 
 def test_prefill_cuda_graph_replay():

@@ -19,16 +19,18 @@ def merge_spec(dtype: torch.dtype) -> jit.KernelSpec:
 
 def default_specs(with_test_variants: bool = True) -> list[jit.KernelSpec]:
     from ..decode import kernel_spec as decode_spec
-    from ..prefill import kernel_spec as prefill_spec
+    from ..prefill import kernel_spec as prefill_spec, tile_shapes
+
+    def prefill_specs(dtype, dim, variant):  # a BatchPrefill loads one kernel per tile shape
+        return [prefill_spec(dtype, dim, variant, tile) for tile in dict.fromkeys(tile_shapes(dim))]
 
     specs = [merge_spec(d) for d in DTYPES]
     for dtype in DTYPES:
         for dim in HEAD_DIMS:
-            specs += [decode_spec(dtype, dim, DEFAULT), prefill_spec(dtype, dim, DEFAULT)]
+            specs += [decode_spec(dtype, dim, DEFAULT), *prefill_specs(dtype, dim, DEFAULT)]
     if with_test_variants:
         for variant in TEST_VARIANTS:
-            specs += [decode_spec(torch.bfloat16, 128, variant), prefill_spec(torch.bfloat16, 128, variant)]
-        specs.append(prefill_spec(torch.bfloat16, 128, DEFAULT, warps=8))
+            specs += [decode_spec(torch.bfloat16, 128, variant), *prefill_specs(torch.bfloat16, 128, variant)]
     return specs
 
 

@@ -65,7 +65,10 @@ class LayerKernels:
             self.decode_capacity = max_batch_size
 
     def plan(self, layout: BatchLayout) -> None:
-        (self.decode if layout.is_decode else self.prefill).plan(layout.kv)
+        if layout.is_decode:
+            self.decode.plan(layout.kv)
+        else:
+            self.prefill.plan(layout.kv, num_tokens=layout.num_query_tokens)
 
     def run(self, layout: BatchLayout, q, k_pages, v_pages):
         return (self.decode if layout.is_decode else self.prefill).run(q, k_pages, v_pages)

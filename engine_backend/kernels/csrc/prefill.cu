@@ -2,7 +2,7 @@
 // case), FlashAttention-2 style on mma.sync tensor cores (sm80+), causal mask aligned to the end
 // of each request's KV, GQA heads packed into the query tile.
 // Template parameters: ${DTYPE}, head dim ${HEAD_DIM}, variant (${SOFT_CAP}, ${SLIDING_WINDOW}, ${ALIBI}),
-// warps per CTA ${WARPS}.
+// warps per CTA ${WARPS}, KV tokens per tile ${KV_TILE} (prefill.py picks both per plan).
 //
 // One CTA computes one query tile (kM packed rows = tokens x query heads of one KV head) against
 // all the KV it may see, streaming K/V tiles of kN tokens through a cp.async pipeline. Each warp
@@ -26,13 +26,11 @@ constexpr int kThreads = kWarps * 32;
 // 16-row MMA tiles per warp. Two where their O accumulators fit in registers: every K and V
 // fragment read from shared memory then feeds twice the MMAs, and shared-memory bandwidth,
 // not the tensor cores, is what bounds an mma.sync attention loop.
-// The EB_PREFILL_* macros (MMA_M, KV_TILE, STAGES, LAZY_RESCALE) override choices for experiments
-// (scripts/prefill_experiment.py, which times them side by side); the defaults are the measured best.
+// The EB_PREFILL_* macros (MMA_M, STAGES, LAZY_RESCALE, SKIP_MASKED_KEYS) override choices for
+// experiments (scripts/prefill_experiment.py, which times them side by side); the defaults are the
+// measured best.
 #ifndef EB_PREFILL_MMA_M
 #define EB_PREFILL_MMA_M (D <= 128 ? 2 : 1)
-#endif
-#ifndef EB_PREFILL_KV_TILE
-#define EB_PREFILL_KV_TILE (D == 256 ? 32 : 64)
 #endif
 constexpr int kMmaM = EB_PREFILL_MMA_M;
 constexpr int kWarpRows = 16 * kMmaM;
@@ -40,7 +38,7 @@ constexpr int kM = kWarpRows * kWarps;  // packed query rows per tile
 // Q fragments stay in registers where they fit beside O and S; otherwise (D=128 with two MMA
 // tiles) they are re-read from shared memory at each k-step.
 constexpr bool kQInRegs = kMmaM == 1 || D <= 64;
-constexpr int kN = EB_PREFILL_KV_TILE;  // KV tokens per tile
+constexpr int kN = ${KV_TILE};  // KV tokens per tile
 constexpr int kChunks = D / 8;
 constexpr int kRowBytes = D * 2;
 constexpr int kTileBytes = kN * D * 2;
@@ -57,10 +55,20 @@ constexpr int kSmemPerSm = 227 * 1024;
 #ifndef EB_PREFILL_LAZY_RESCALE
 #define EB_PREFILL_LAZY_RESCALE 1
 #endif
+
 constexpr int kStages = EB_PREFILL_STAGES;
 // Skip the O rescale of a tile when no row max of the warp changed (most tiles after the first
 // few): a warp vote instead of D/2 multiplies per row and lane.
 constexpr bool kLazyRescale = EB_PREFILL_LAZY_RESCALE;
+// On the tile that crosses the causal diagonal, a warp skips the MMAs of 16-key chunks that lie
+// wholly past its own rows' last position: a warp holds kWarpRows / group query positions, the tile
+// kN keys, so much of the diagonal tile is invisible to most warps. Measured side by side
+// (results/prefill-experiment-h200.json): +2-3 % with 64-key tiles, 1-3 % slower with 32-key tiles,
+// whose diagonal tile holds only two chunks, so the skip does not pay for its branches there.
+#ifndef EB_PREFILL_SKIP_MASKED_KEYS
+#define EB_PREFILL_SKIP_MASKED_KEYS (kN >= 64)
+#endif
+constexpr bool kSkipMaskedKeys = EB_PREFILL_SKIP_MASKED_KEYS;
 constexpr int kSmemBytes = smem_bytes(kStages);
 static_assert(kStages <= 3, "page-id slots: tiles in flight plus the next fit in two");
 constexpr int kMinBlocks = kWarps == 4 && 2 * kSmemBytes <= kSmemPerSm ? 2 : 1;
@@ -188,9 +196,10 @@ struct QFrags {
 
 using Scores = float[kMmaM][kN / 8][4];  // S of the warp's rows against one K/V tile
 
-// S = Q K^T for one K tile. (A loop that computed the next tile's S in the same basic block as
-// this tile's softmax, for the scheduler to interleave them, measured 5-10 % slower: kept out.)
-EB_DEVICE void qk(Scores& s, const QFrags& qf, uint32_t kbase, int lane) {
+// S = Q K^T for the first `chunks` 16-key chunks of one K tile (the rest of S stays 0: those keys
+// are masked). (A loop that computed the next tile's S in the same basic block as this tile's
+// softmax, for the scheduler to interleave them, measured 5-10 % slower: kept out.)
+EB_DEVICE void qk(Scores& s, const QFrags& qf, uint32_t kbase, int lane, int chunks) {
 #pragma unroll
   for (int mi = 0; mi < kMmaM; ++mi)
 #pragma unroll
@@ -203,6 +212,7 @@ EB_DEVICE void qk(Scores& s, const QFrags& qf, uint32_t kbase, int lane) {
     const uint32_t k_kk = swizzle_step(k_lane, kk);
 #pragma unroll
     for (int np = 0; np < kN / 16; ++np) {
+      if (np >= chunks) break;  // warp-uniform
       uint32_t kb[4];
       ldmatrix_x4(kb, k_kk + np * 16 * kRowBytes);
 #pragma unroll
@@ -221,7 +231,7 @@ EB_DEVICE void qk(Scores& s, const QFrags& qf, uint32_t kbase, int lane) {
 template <bool kMask>
 EB_DEVICE void softmax_pv(const PrefillParams& p, const Tile& tl, const LaneRows& lr, Scores& s,
                           float (&o)[kMmaM][D / 8][4], float (&m)[kLaneRows], float (&l)[kLaneRows], uint32_t vbase,
-                          int first, int lane) {
+                          int first, int lane, int chunks) {
   float row_max[kLaneRows];
 #pragma unroll
   for (int r = 0; r < kLaneRows; ++r) row_max[r] = -CUDART_INF_F;
@@ -276,6 +286,7 @@ EB_DEVICE void softmax_pv(const PrefillParams& p, const Tile& tl, const LaneRows
   const uint32_t v_lane = vbase + swizzle<kChunks>((lane % 8) + 8 * ((lane / 8) % 2), lane / 16);
 #pragma unroll
   for (int kt = 0; kt < kN / 16; ++kt) {
+    if (kt >= chunks) break;  // P is 0 there: every key of the chunk is masked for the warp's rows
     uint32_t pa[kMmaM][4];
 #pragma unroll
     for (int mi = 0; mi < kMmaM; ++mi) {
@@ -297,14 +308,14 @@ EB_DEVICE void softmax_pv(const PrefillParams& p, const Tile& tl, const LaneRows
   }
 }
 
-// One K/V tile: its S, then the softmax and P V.
+// One K/V tile: its S, then the softmax and P V, over its first `chunks` 16-key chunks.
 template <bool kMask>
 EB_DEVICE void attend_tile(const PrefillParams& p, const Tile& tl, const LaneRows& lr, const QFrags& qf,
                            float (&o)[kMmaM][D / 8][4], float (&m)[kLaneRows], float (&l)[kLaneRows],
-                           uint32_t kbase, uint32_t vbase, int first, int lane) {
+                           uint32_t kbase, uint32_t vbase, int first, int lane, int chunks = kN / 16) {
   Scores s;
-  qk(s, qf, kbase, lane);
-  softmax_pv<kMask>(p, tl, lr, s, o, m, l, vbase, first, lane);
+  qk(s, qf, kbase, lane, chunks);
+  softmax_pv<kMask>(p, tl, lr, s, o, m, l, vbase, first, lane, chunks);
 }
 
 __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const PrefillParams p) {
@@ -368,6 +379,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const Pre
   const int first_qp = tl.kv_len - tl.q_len + tl.r0 / group;
   const int clean_end = p.causal ? min(tl.kv_len, first_qp + 1) : tl.kv_len;
   const int last_qp = tl.kv_len - tl.q_len + (tl.r0 + tl.rows - 1) / group;
+  // Keys past warp_key_end are masked for every row of this warp (all keys, if it has no rows).
+  const int warp_last_row = min(tl.rows, (warp + 1) * kWarpRows) - 1;
+  const int warp_key_end = warp_last_row < warp * kWarpRows ? 0
+                           : p.causal ? min(tl.kv_end, tl.kv_len - tl.q_len + (tl.r0 + warp_last_row) / group + 1)
+                                      : tl.kv_end;
 
   for (int j = 0; j < n_tiles; ++j) {
     const int stage = j % kStages;
@@ -382,7 +398,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const Pre
     const uint32_t kbase = smem_addr(sk(stage)), vbase = smem_addr(sv(stage));
     const bool masked = first + kN > clean_end || (Var::window && first < last_qp - p.variant.window_left);
     if (masked) {
-      attend_tile<true>(p, tl, lr, qf, o, m, l, kbase, vbase, first, lane);
+      const int chunks = kSkipMaskedKeys ? min(kN / 16, max(0, (warp_key_end - first + 15) / 16)) : kN / 16;
+      attend_tile<true>(p, tl, lr, qf, o, m, l, kbase, vbase, first, lane, chunks);
     } else {
       attend_tile<false>(p, tl, lr, qf, o, m, l, kbase, vbase, first, lane);
     }
