@@ -8,12 +8,22 @@
   default ``--triton-attention-num-kv-splits`` of 8 and programmatic dependent launch on sm_90+.
 
 Each returns a ``peers.Peer`` (set-up done, ``run()`` only the attention launch) and is importable only
-where that engine is installed: on the GPU host after its bundle is installed.
+where that engine is installed: on the GPU host after its bundle is installed. ``sglang_triton`` needs
+less: SGLang's two Triton modules import only torch, triton and two small names of SGLang, so with
+``ENGINE_BACKEND_SGLANG_WHEEL`` pointing at the ``sglang-0.5.16`` wheel they are loaded from its files,
+unmodified, without installing SGLang (``sglang_triton_modules``); the peer's note says which ran.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import sys
+import tempfile
+import types
+import zipfile
+from importlib import util
 
 import torch
 
@@ -49,12 +59,54 @@ def vllm_fa3_decode_peer(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                 to_output=lambda _: out)
 
 
+SGLANG_TRITON_FILES = ("score_mod", "decode_attention", "metadata")  # sglang/kernels/ops/attention/*.py
+
+
+@functools.cache  # once per process: after a load from the wheel, `import sglang...` would find the stand-ins
+def sglang_triton_modules():
+    """SGLang's ``decode_attention`` and ``metadata`` modules and where they came from.
+
+    The installed SGLang if there is one. Else the files of the wheel named by
+    ``ENGINE_BACKEND_SGLANG_WHEEL``, executed as they are under their own module names: their only
+    imports outside torch/triton are ``score_mod`` (loaded from the same wheel) and
+    ``sglang.srt.utils.is_hip``, which stands in as SGLang defines it (``torch.version.hip is not
+    None``). Importing the real ``sglang`` package would pull in the whole server.
+    """
+    try:
+        from sglang.kernels.ops.attention import decode_attention, metadata
+        return decode_attention, metadata, "installed sglang"
+    except ImportError:
+        wheel = os.environ.get("ENGINE_BACKEND_SGLANG_WHEEL")
+        if not wheel:
+            raise
+    folder = tempfile.mkdtemp(prefix="sglang-triton-")
+    with zipfile.ZipFile(wheel) as zf:
+        for name in SGLANG_TRITON_FILES:
+            zf.extract(f"sglang/kernels/ops/attention/{name}.py", folder)
+    for package in ("sglang", "sglang.kernels", "sglang.kernels.ops", "sglang.kernels.ops.attention",
+                    "sglang.srt"):
+        sys.modules.setdefault(package, types.ModuleType(package)).__path__ = []
+    utils = sys.modules.setdefault("sglang.srt.utils", types.ModuleType("sglang.srt.utils"))
+    utils.is_hip = lambda: torch.version.hip is not None
+    loaded = {}
+    for name in SGLANG_TRITON_FILES:
+        full = f"sglang.kernels.ops.attention.{name}"
+        spec = util.spec_from_file_location(full, f"{folder}/sglang/kernels/ops/attention/{name}.py")
+        module = util.module_from_spec(spec)
+        sys.modules[full] = module
+        spec.loader.exec_module(module)  # Triton reads the kernels' source from these files
+        loaded[name] = module
+    return loaded["decode_attention"], loaded["metadata"], f"files of {os.path.basename(wheel)}"
+
+
 def sglang_triton_decode_peer(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               block_table: torch.Tensor, seq_lens: torch.Tensor) -> Peer:
     """One-token decode over one-token pages: ``k_cache``/``v_cache`` ``[tokens, 1, Hkv, D]``."""
     import triton
-    from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
-    from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton
+
+    decode_attention, metadata, source = sglang_triton_modules()
+    decode_attention_fwd = decode_attention.decode_attention_fwd
+    get_num_kv_splits_triton = metadata.get_num_kv_splits_triton
 
     if k_cache.shape[1] != 1:
         raise ValueError(f"SGLang's triton decode reads one-token pages; these hold {k_cache.shape[1]}")
@@ -81,5 +133,6 @@ def sglang_triton_decode_peer(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         decode_attention_fwd(q, k_buffer, v_buffer, out, kv_indptr, kv_indices, attn_logits, attn_lse,
                              num_kv_splits, SGLANG_MAX_KV_SPLITS, sm_scale, 1.0, 1.0, use_pdl=use_pdl)
 
-    return Peer("sglang_triton", run, note=f"SGLang triton decode, max_kv_splits={SGLANG_MAX_KV_SPLITS}",
+    return Peer("sglang_triton", run,
+                note=f"SGLang triton decode ({source}), max_kv_splits={SGLANG_MAX_KV_SPLITS}, use_pdl={use_pdl}",
                 to_output=lambda _: out)
