@@ -5,11 +5,13 @@
   vLLM uses for decode batches under CUDA graphs (``flash_attn_max_num_splits_for_cuda_graph``, 32).
 * ``sglang_triton``: SGLang 0.5.16's ``triton`` backend: ``decode_attention_fwd`` over a token-indexed
   cache (page size 1), with its per-batch KV-split count from ``get_num_kv_splits_triton`` and the
-  default ``--triton-attention-num-kv-splits`` of 8 and programmatic dependent launch on sm_90+.
+  default ``--triton-attention-num-kv-splits`` of 8 and programmatic dependent launch on sm_90+;
+  ``sglang_triton_extend``: the same backend's prefill, ``extend_attention_fwd`` on the step's
+  contiguous new K/V plus the cached prefix read through slot ids.
 
 Each returns a ``peers.Peer`` (set-up done, ``run()`` only the attention launch) and is importable only
 where that engine is installed: on the GPU host after its bundle is installed. ``sglang_triton`` needs
-less: SGLang's two Triton modules import only torch, triton and two small names of SGLang, so with
+less: SGLang's Triton modules import only torch, triton, each other and small names of SGLang, so with
 ``ENGINE_BACKEND_SGLANG_WHEEL`` pointing at the ``sglang-0.5.16`` wheel they are loaded from its files,
 unmodified, without installing SGLang (``sglang_triton_modules``); the peer's note says which ran.
 """
@@ -17,6 +19,8 @@ unmodified, without installing SGLang (``sglang_triton_modules``); the peer's no
 from __future__ import annotations
 
 import functools
+import importlib
+import itertools
 import math
 import os
 import sys
@@ -59,22 +63,25 @@ def vllm_fa3_decode_peer(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                 to_output=lambda _: out)
 
 
-SGLANG_TRITON_FILES = ("score_mod", "decode_attention", "metadata")  # sglang/kernels/ops/attention/*.py
+# sglang/kernels/ops/attention/*.py, in import order: decode (decode_attention, metadata) and extend
+# (extend_attention, which imports prefill_attention and decode_attention).
+SGLANG_TRITON_FILES = ("score_mod", "decode_attention", "metadata", "prefill_attention", "extend_attention")
 
 
 @functools.cache  # once per process: after a load from the wheel, `import sglang...` would find the stand-ins
-def sglang_triton_modules():
-    """SGLang's ``decode_attention`` and ``metadata`` modules and where they came from.
+def sglang_triton_modules() -> tuple[dict[str, types.ModuleType], str]:
+    """SGLang's Triton attention modules (``SGLANG_TRITON_FILES``, by name) and where they came from.
 
     The installed SGLang if there is one. Else the files of the wheel named by
     ``ENGINE_BACKEND_SGLANG_WHEEL``, executed as they are under their own module names: their only
-    imports outside torch/triton are ``score_mod`` (loaded from the same wheel) and
-    ``sglang.srt.utils.is_hip``, which stands in as SGLang defines it (``torch.version.hip is not
-    None``). Importing the real ``sglang`` package would pull in the whole server.
+    imports outside torch/triton are each other and three helpers of ``sglang.srt.utils``, which
+    stand in as SGLang defines them on CUDA (``is_hip``: ``torch.version.hip is not None``;
+    ``is_cuda``: a CUDA build of torch; ``is_gfx95_supported``: an AMD-only check, False here).
+    Importing the real ``sglang`` package would pull in the whole server.
     """
     try:
-        from sglang.kernels.ops.attention import decode_attention, metadata
-        return decode_attention, metadata, "installed sglang"
+        return {name: importlib.import_module(f"sglang.kernels.ops.attention.{name}")
+                for name in SGLANG_TRITON_FILES}, "installed sglang"
     except ImportError:
         wheel = os.environ.get("ENGINE_BACKEND_SGLANG_WHEEL")
         if not wheel:
@@ -88,6 +95,8 @@ def sglang_triton_modules():
         sys.modules.setdefault(package, types.ModuleType(package)).__path__ = []
     utils = sys.modules.setdefault("sglang.srt.utils", types.ModuleType("sglang.srt.utils"))
     utils.is_hip = lambda: torch.version.hip is not None
+    utils.is_cuda = lambda: torch.version.cuda is not None and torch.cuda.is_available()
+    utils.is_gfx95_supported = lambda: False
     loaded = {}
     for name in SGLANG_TRITON_FILES:
         full = f"sglang.kernels.ops.attention.{name}"
@@ -96,7 +105,7 @@ def sglang_triton_modules():
         sys.modules[full] = module
         spec.loader.exec_module(module)  # Triton reads the kernels' source from these files
         loaded[name] = module
-    return loaded["decode_attention"], loaded["metadata"], f"files of {os.path.basename(wheel)}"
+    return loaded, f"files of {os.path.basename(wheel)}"
 
 
 def sglang_triton_decode_peer(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -104,9 +113,9 @@ def sglang_triton_decode_peer(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     """One-token decode over one-token pages: ``k_cache``/``v_cache`` ``[tokens, 1, Hkv, D]``."""
     import triton
 
-    decode_attention, metadata, source = sglang_triton_modules()
-    decode_attention_fwd = decode_attention.decode_attention_fwd
-    get_num_kv_splits_triton = metadata.get_num_kv_splits_triton
+    modules, source = sglang_triton_modules()
+    decode_attention_fwd = modules["decode_attention"].decode_attention_fwd
+    get_num_kv_splits_triton = modules["metadata"].get_num_kv_splits_triton
 
     if k_cache.shape[1] != 1:
         raise ValueError(f"SGLang's triton decode reads one-token pages; these hold {k_cache.shape[1]}")
@@ -136,3 +145,29 @@ def sglang_triton_decode_peer(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     return Peer("sglang_triton", run,
                 note=f"SGLang triton decode ({source}), max_kv_splits={SGLANG_MAX_KV_SPLITS}, use_pdl={use_pdl}",
                 to_output=lambda _: out)
+
+
+def sglang_triton_extend_peer(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_buffer: torch.Tensor,
+                              v_buffer: torch.Tensor, req_to_token: torch.Tensor, prefix_lens: list[int],
+                              extend_lens: list[int]) -> Peer:
+    """Causal extend as SGLang's ``triton`` backend runs it (``forward_extend``): queries ``q`` and the
+    step's new ``k_new``/``v_new`` contiguous (``[tokens, H, D]``), each request's cached prefix read from
+    the pool ``k_buffer``/``v_buffer`` (``[slots, Hkv, D]``) through its first ``prefix_lens[r]`` slots of
+    ``req_to_token[r]`` (int64 slot ids, as its metadata builds them); called through
+    ``torch.compiler.disable`` as the backend wraps it."""
+    modules, source = sglang_triton_modules()
+    extend_attention_fwd = torch.compiler.disable(modules["extend_attention"].extend_attention_fwd)
+    device = q.device
+    qo_indptr = torch.tensor([0, *itertools.accumulate(extend_lens)], dtype=torch.int32, device=device)
+    kv_indptr = torch.tensor([0, *itertools.accumulate(prefix_lens)], dtype=torch.int32, device=device)
+    kv_indices = torch.cat([req_to_token[r, :n].long() for r, n in enumerate(prefix_lens)] +
+                           [torch.empty(0, dtype=torch.int64, device=device)])
+    max_extend_len = max(extend_lens)
+    out = torch.empty_like(q)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1])
+
+    def run():
+        extend_attention_fwd(q, k_new, v_new, out, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, None,
+                             True, None, max_extend_len, 1.0, 1.0, sm_scale, logit_cap=0.0, page_size=1)
+
+    return Peer("sglang_triton_extend", run, note=f"SGLang triton extend ({source})", to_output=lambda _: out)
