@@ -206,6 +206,62 @@ def test_drop_last_kv_fault_breaks_the_output(tmp_path, device, monkeypatch):
     assert not torch.allclose(out.float().cpu(), expected, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("device", [CPU, GPU])
+def test_prefill_graph_attention_writes_into_sglangs_output(tmp_path, device):
+    """Under SGLang's prefill CUDA graphs (breakable, tc_piecewise) attention runs through SGLang's
+    own ``unified_attention_with_output``: it narrows the bucket-padded inputs to the real tokens
+    and hands the backend its output slice as ``forward_batch._attn_output``. The result must be
+    right, written into that slice (so SGLang makes no copy), and the padded tail zero."""
+    from sglang.srt.layers.radix_attention import unified_attention_with_output
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+    from sglang.srt.model_executor.runner_backend_utils.tc_piecewise_cuda_graph.context_manager import (
+        set_tc_piecewise_forward_context,
+    )
+
+    run, backend = backend_for(tmp_path, device, 1)
+    scene = Scenario(run, [40, 17])
+    prefix, final = [24, 0], [40, 17]
+    scene.cache_tokens([0, 0], prefix)
+    batch = testing.extend_batch(run, scene.view(final), [f - p for p, f in zip(prefix, final)])
+    real, padded = batch.extend_num_tokens, 48  # 33 real tokens in the 48-token capture bucket
+    batch.num_token_non_padded_cpu = real
+    backend.init_forward_metadata(batch)
+
+    def pad(t):
+        return torch.cat([t, t.new_full((padded - real, *t.shape[1:]), 7.0)])
+
+    for layer_id, layer in enumerate(run.model):
+        q, k, v, expected = scene.step_inputs(layer_id, prefix, final)
+        output = torch.full((padded, HQ * D), float("nan"), dtype=q.dtype, device=q.device)
+        with forward_context(ForwardContext(attn_backend=backend)), set_tc_piecewise_forward_context(
+            batch, run.model, None, [], [], num_tokens=padded, raw_num_tokens=real
+        ):
+            args = (pad(q), pad(k), pad(v), output, True, layer_id)
+            if device == "cuda":
+                unified_attention_with_output(*args)
+            else:  # SGLang registers the op's Python kernel for CUDA only; it runs on CPU tensors too
+                unified_attention_with_output.default.redispatch(torch._C.DispatchKeySet("CUDA"), *args)
+        assert_close(output[:real], expected)
+        assert bool((output[real:] == 0).all())
+        if device == "cpu":  # the reference kernels record the buffer they were given
+            given = backend.kernels.for_layer(layer_id).last_out
+            assert given is not None and given.data_ptr() == output.data_ptr()
+
+
+def test_an_output_slice_that_does_not_fit_is_not_used():
+    from engine_backend.adapters.sglang.backend import _engine_output
+
+    q = torch.zeros(5, HQ, D, dtype=torch.bfloat16)
+    fits = torch.empty(5, HQ * D, dtype=torch.bfloat16)
+    batch = type("Batch", (), {})()
+    assert _engine_output(batch, q) is None  # no slice given (eager steps, decode graphs)
+    for wrong in (fits.float(), torch.empty(6, HQ * D, dtype=torch.bfloat16), torch.empty(HQ * D, 10, dtype=torch.bfloat16)[:, :5].T):
+        batch._attn_output = wrong
+        assert _engine_output(batch, q) is None
+    batch._attn_output = fits
+    assert _engine_output(batch, q).data_ptr() == fits.data_ptr()
+
+
 def test_attention_before_metadata_is_an_error(tmp_path):
     run, backend = backend_for(tmp_path, "cpu", 1)
     scene = Scenario(run, [5])

@@ -51,10 +51,27 @@ GRAPH_SEQ_LEN_FILL = 1
 
 
 @torch.compiler.disable
-def _run_kernels(kernels, layout, q, k_pages, v_pages):
+def _run_kernels(kernels, layout, q, k_pages, v_pages, out):
     """The kernel launch, kept out of torch.compile traces (--enable-torch-compile wraps the
     model's decode forward; the JIT extension's ops are opaque to it)."""
-    return kernels.run(layout, q, k_pages, v_pages)
+    return kernels.run(layout, q, k_pages, v_pages, out=out)
+
+
+def _engine_output(forward_batch, q: torch.Tensor) -> torch.Tensor | None:
+    """The output slice SGLang's prefill graphs (breakable, tc_piecewise) hand the attention
+    call as ``forward_batch._attn_output`` -- their static buffer, narrowed to the real tokens.
+    Writing there spares the copy their wrapper makes of any other result (SGLang's own
+    triton and fa3 backends write there too). Anything that does not fit ``q`` is ignored."""
+    out = getattr(forward_batch, "_attn_output", None)
+    if (
+        isinstance(out, torch.Tensor)
+        and out.dtype == q.dtype
+        and out.device == q.device
+        and out.numel() == q.numel()
+        and out.is_contiguous()
+    ):
+        return out.view(q.shape)
+    return None
 
 
 class EngineBackendAttnBackend(AttentionBackend):
@@ -147,7 +164,8 @@ class EngineBackendAttnBackend(AttentionBackend):
         k_pages = paged_kv_view(self.kv_pool.get_key_buffer(layer.layer_id), self.page_size)
         v_pages = paged_kv_view(self.kv_pool.get_value_buffer(layer.layer_id), self.page_size)
         kernels = self.kernels.for_layer(layer.layer_id)
-        out = _run_kernels(kernels, layout, q.contiguous().view(-1, heads, dim), k_pages, v_pages)
+        q = q.contiguous().view(-1, heads, dim)
+        out = _run_kernels(kernels, layout, q, k_pages, v_pages, _engine_output(forward_batch, q))
         return out.view(-1, heads * dim)
 
     def _layout_for(self, q: torch.Tensor, decode: bool) -> BatchLayout:

@@ -70,8 +70,8 @@ class LayerKernels:
         else:
             self.prefill.plan(layout.kv, num_tokens=layout.num_query_tokens)
 
-    def run(self, layout: BatchLayout, q, k_pages, v_pages):
-        return (self.decode if layout.is_decode else self.prefill).run(q, k_pages, v_pages)
+    def run(self, layout: BatchLayout, q, k_pages, v_pages, out=None):
+        return (self.decode if layout.is_decode else self.prefill).run(q, k_pages, v_pages, out=out)
 
 
 class KernelSet:

@@ -232,6 +232,7 @@ class ReferenceKernels:
         self.decode_capacity = setup.max_batch_size
         self.planned: BatchLayout | None = None
         self.plans = 0
+        self.last_out: torch.Tensor | None = None  # the ``out`` the last run() was given
 
     def ensure_decode_capacity(self, max_batch_size: int) -> None:
         self.decode_capacity = max(self.decode_capacity, max_batch_size)
@@ -240,12 +241,13 @@ class ReferenceKernels:
         self.planned = layout
         self.plans += 1
 
-    def run(self, layout: BatchLayout, q, k_pages, v_pages):
+    def run(self, layout: BatchLayout, q, k_pages, v_pages, out=None):
         assert layout is self.planned, "run() with a layout that was not the last one planned"
-        out, _ = reference.attention(
+        result, _ = reference.attention(
             q, k_pages, v_pages, layout.kv, causal=True, sm_scale=self.shape.sm_scale, variant=self.shape.variant
         )
-        return out
+        self.last_out = out
+        return result if out is None else out.copy_(result)
 
 
 # ----------------------------------------------------------------------- graphs
