@@ -1,0 +1,72 @@
+"""scripts/sass_stats.py: loop finding and counts on a hand-written listing, then on our real
+prefill kernel (built for sm_90a on the CPU; needs the CUDA toolkit and a cuobjdump)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("sass_stats", REPO / "scripts" / "sass_stats.py")
+sass_stats = sys.modules["sass_stats"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
+_spec.loader.exec_module(sass_stats)
+
+LISTING = """
+        code for sm_90a
+                Function : kernel_a
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                          /* 0x00000a0000017a02 */
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0030*/               @P0 HMMA.16816.F32.BF16 R8, R12, R18, R8 ;
+        /*0040*/                   STL [R1], R8 ;
+        /*0050*/              @!P1 BRA `(.L_x_1) ;                             /* target 0x0020 */
+        /*0060*/                   BRA 0x20 ;
+        /*0070*/                   STG.E desc[UR4][R6.64], R8 ;
+        /*0080*/                   EXIT ;
+                Function : kernel_b
+        /*0000*/                   FADD R0, R1, R2 ;
+        /*0010*/                   EXIT ;
+"""
+
+
+def test_opcode_drops_predicates_and_modifiers():
+    assert sass_stats.opcode("@!P0 HMMA.16816.F32.BF16 R4, R8, R12, R4") == "HMMA"
+    assert sass_stats.opcode("@UPT LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64]") == "LDGSTS"
+    assert sass_stats.opcode("EXIT") == "EXIT"
+
+
+def test_loops_are_backward_branches_with_their_bodies():
+    functions = sass_stats.parse(LISTING)
+    assert list(functions) == ["kernel_a", "kernel_b"]
+    assert len(functions["kernel_a"]) == 9 and len(functions["kernel_b"]) == 2
+    (loop,) = sass_stats.loops(functions["kernel_a"])  # `BRA 0x20` at 0x60; the forward branch is none
+    assert (loop.start, loop.end, loop.size, loop.mmas) == (0x20, 0x60, 5, 2)
+    assert loop.opcodes["STL"] == 1 and loop.opcodes["STG"] == 0
+    text = sass_stats.report("kernel_a", functions["kernel_a"])
+    assert "5 instructions, 2 HMMA (2.50 per HMMA), spills LDL 0 / STL 1" in text
+    assert "global stores STG 1" in text
+    assert "no loop with MMAs" in sass_stats.report("kernel_b", functions["kernel_b"])
+
+
+def test_our_prefill_loop_holds_whole_tiles_of_mmas(cuda_home, kernel_cache, monkeypatch):
+    """Per warp, one K/V tile of kN keys costs 32 rows x kN keys x 128 dims of QK and as much of
+    PV: kN / 32 * 128 HMMA (m16n8k16). The hottest loop must hold whole tiles of them."""
+    try:
+        sass_stats.cuobjdump()
+    except SystemExit:
+        pytest.skip("no cuobjdump (neither in CUDA_HOME nor beside triton)")
+    from engine_backend import prefill
+    from engine_backend.kernels import jit
+    from engine_backend.variants import DEFAULT
+
+    monkeypatch.setenv(jit.CACHE_ENV, str(kernel_cache))
+    for tile in prefill.tile_shapes(128):
+        lib = jit.build(prefill.kernel_spec(torch.bfloat16, 128, DEFAULT, tile), "90a")
+        (name,) = [n for n in sass_stats.parse(sass_stats.sass_of(str(lib))) if "prefill_kernel" in n]
+        hot = sass_stats.loops(sass_stats.parse(sass_stats.sass_of(str(lib)))[name])[0]
+        per_tile = tile.kv_tile // 32 * 128
+        assert hot.mmas >= per_tile and hot.mmas % per_tile == 0, (tile, hot.mmas)
