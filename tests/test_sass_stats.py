@@ -66,7 +66,7 @@ def test_our_prefill_loop_holds_whole_tiles_of_mmas(cuda_home, kernel_cache, mon
     monkeypatch.setenv(jit.CACHE_ENV, str(kernel_cache))
     for tile in prefill.tile_shapes(128):
         lib = jit.build(prefill.kernel_spec(torch.bfloat16, 128, DEFAULT, tile), "90a")
-        (name,) = [n for n in sass_stats.parse(sass_stats.sass_of(str(lib))) if "prefill_kernel" in n]
-        hot = sass_stats.loops(sass_stats.parse(sass_stats.sass_of(str(lib)))[name])[0]
+        (kernel,) = [ins for n, ins in sass_stats.parse(sass_stats.sass_of(str(lib))).items() if "prefill_kernel" in n]
+        hot = sass_stats.loops(kernel)[0]
         per_tile = tile.kv_tile // 32 * 128
         assert hot.mmas >= per_tile and hot.mmas % per_tile == 0, (tile, hot.mmas)
