@@ -110,13 +110,17 @@ class BSR:
         page_size: int = 1,
         qo_indptr: torch.Tensor | None = None,
         capacity: int | None = None,
+        out: torch.Tensor | None = None,
     ) -> "BSR":
         """SGLang: ``req_to_token[req_indices[r], t]`` is the KV slot of token t of request r.
 
         With ``page_size`` P > 1 the slots of a page are contiguous and aligned (SGLang's paged
         allocator), so page ids are ``slot // P`` of every P-th token. The pages are gathered
         into a compact ``indices`` of ``capacity`` entries (default: enough for every request
-        at the table's full width; pass the KV pool's page count to bound it).
+        at the table's full width; pass the KV pool's page count to bound it), written into
+        ``out[:capacity]`` when given (a persistent buffer that captured CUDA graphs read).
+        An int32 CUDA table (SGLang's) takes one kernel launch (``token_table``), anything
+        else the torch ops below; both give the same arrays.
         """
         if req_to_token.dim() != 2:
             raise ValueError(f"req_to_token must be 2-D [pool rows, tokens], got {tuple(req_to_token.shape)}")
@@ -127,6 +131,29 @@ class BSR:
         max_pages = -(-req_to_token.shape[1] // page_size)
         if capacity is None:
             capacity = rows * max_pages
+        if out is not None and (out.dtype != INDEX_DTYPE or out.dim() != 1 or out.shape[0] < capacity
+                                or out.device != device):
+            raise ValueError(f"out must be an int32 [>= {capacity}] tensor on {device}, got "
+                             f"{out.dtype} {tuple(out.shape)} on {out.device}")
+        if qo_indptr is None:
+            qo_indptr = torch.arange(rows + 1, dtype=INDEX_DTYPE, device=device)
+        from . import token_table
+
+        if token_table.applies(req_to_token):
+            indices = out[:capacity] if out is not None else torch.empty(capacity, dtype=INDEX_DTYPE, device=device)
+            indptr, kv_lens = token_table.build(req_to_token, req_indices, seq_lens, page_size, indices)
+            return cls(indptr, indices, kv_lens, _int32(qo_indptr), page_size).validate()
+        indptr, indices = cls._token_table_ops(req_to_token, req_indices, seq_lens, page_size, capacity)
+        if out is not None:
+            indices = out[:capacity].copy_(indices)
+        return cls(indptr, indices, _int32(seq_lens), _int32(qo_indptr), page_size).validate()
+
+    @staticmethod
+    def _token_table_ops(req_to_token, req_indices, seq_lens, page_size: int, capacity: int):
+        """``from_token_table``'s (indptr, indices) in torch ops, on any device."""
+        rows = req_indices.shape[0]
+        device = req_to_token.device
+        max_pages = -(-req_to_token.shape[1] // page_size)
         pages = _ceil_div(_int32(seq_lens), page_size)
         indptr = _exclusive_cumsum(pages)
         slot = torch.arange(capacity, dtype=torch.int64, device=device)
@@ -139,9 +166,7 @@ class BSR:
             table_rows = _int32(req_indices).long()[row]
             tokens = req_to_token[table_rows, col.clamp_(max=req_to_token.shape[1] - 1)]
             indices = torch.where(slot < indptr[-1], tokens // page_size, 0).to(INDEX_DTYPE)
-        if qo_indptr is None:
-            qo_indptr = torch.arange(rows + 1, dtype=INDEX_DTYPE, device=device)
-        return cls(indptr, indices, _int32(seq_lens), _int32(qo_indptr), page_size).validate()
+        return indptr, indices
 
     @classmethod
     def from_ragged(

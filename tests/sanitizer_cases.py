@@ -1,8 +1,9 @@
 """Small cases of every kernel, run under compute-sanitizer (memcheck, racecheck, synccheck):
 
-    compute-sanitizer --tool memcheck python tests/sanitizer_cases.py
+    compute-sanitizer --tool memcheck python tests/sanitizer_cases.py [token_table]
 
 Each case also checks its result against the reference, so a pass means "clean and right".
+``token_table`` runs only the token-table case.
 """
 
 from __future__ import annotations
@@ -14,17 +15,33 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine_backend import reference  # noqa: E402
+from engine_backend import BSR, reference  # noqa: E402
 from engine_backend.decode import BatchDecode  # noqa: E402
 from engine_backend.merge import merge_state, merge_states  # noqa: E402
 from engine_backend.prefill import BatchPrefill  # noqa: E402
 from paged_inputs import TOL, decode_batch, rel_err  # noqa: E402
+from test_format import token_table_case  # noqa: E402
 from test_prefill import paged_batch  # noqa: E402
+
+
+def token_table_failures() -> list[str]:
+    """SGLang's token table -> BSR on the device (two scan chunks, a zeroed tail) vs the torch ops."""
+    seq_lens = [0, 5, 130, 16] * 300
+    table, req = token_table_case(seq_lens, 16, 136, pool_rows=len(seq_lens) + 2)
+    capacity = sum(-(-n // 16) for n in seq_lens) + 9
+    args = (table, req, torch.tensor(seq_lens))
+    gpu = BSR.from_token_table(*(t.cuda() for t in args), page_size=16, capacity=capacity)
+    cpu = BSR.from_token_table(*args, page_size=16, capacity=capacity)
+    same = all(torch.equal(getattr(cpu, f), getattr(gpu, f).cpu()) for f in ("indptr", "indices", "kv_lens"))
+    return [] if same else ["token_table"]
 
 
 def main() -> int:
     torch.manual_seed(0)
-    failures = []
+    failures = token_table_failures()
+    if sys.argv[1:] == ["token_table"]:
+        print("sanitizer cases (token_table):", "FAIL" if failures else "all match the reference")
+        return 1 if failures else 0
     va, vb = torch.randn(2, 3, 4, 128, dtype=torch.bfloat16, device="cuda")
     la, lb = torch.randn(2, 3, 4, device="cuda")
     la[0, 0] = -float("inf")

@@ -282,3 +282,67 @@ def test_gpu_constructors_match_cpu():
     for name in cpu:
         for field in ("indptr", "indices", "kv_lens", "qo_indptr"):
             assert torch.equal(getattr(cpu[name], field), getattr(gpu[name], field).cpu()), (name, field)
+
+
+# ---------------------------------------------------- from_token_table: the device path
+def token_table_on(device: str, seq_lens: list[int], page_size: int, width: int, index_dtype: torch.dtype,
+                   capacity: int, seed: int):
+    req_to_token, req_indices = token_table_case(seq_lens, page_size, width, pool_rows=len(seq_lens) + 3, seed=seed)
+    lens = torch.tensor(seq_lens, dtype=index_dtype)
+    out = torch.full((capacity + 7,), -7, dtype=I32)  # poisoned: every entry up to capacity must be written
+    args = (req_to_token, req_indices.to(index_dtype), lens)
+    args = tuple(t.to(device) for t in args)
+    return BSR.from_token_table(*args, page_size=page_size, capacity=capacity, out=out.to(device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("rows", [0, 1, 7, 1500])  # 1500: two scan chunks, more rows than CTAs
+def test_token_table_kernel_gives_the_torch_ops_arrays(page_size, index_dtype, rows):
+    gen = torch.Generator().manual_seed(rows + page_size)
+    seq_lens = torch.randint(0, 3 * page_size + 40, (rows,), generator=gen).tolist()
+    if rows:
+        seq_lens[0] = 0  # a request with no KV lists no pages
+    width = max(seq_lens, default=0) + 5  # not a multiple of the page size in general
+    exact = sum(-(-n // page_size) for n in seq_lens)
+    for capacity in (exact, exact + 50):  # a larger capacity's tail must come back zeroed
+        cpu = token_table_on("cpu", seq_lens, page_size, width, index_dtype, capacity, seed=rows)
+        gpu = token_table_on("cuda", seq_lens, page_size, width, index_dtype, capacity, seed=rows)
+        assert gpu.indices.shape == (capacity,)
+        for field in ("indptr", "indices", "kv_lens", "qo_indptr"):
+            assert torch.equal(getattr(cpu, field), getattr(gpu, field).cpu()), (field, capacity)
+        assert row_slots(gpu) == row_slots(cpu)
+
+
+@pytest.mark.gpu
+def test_token_table_kernel_writes_into_the_given_buffer_and_no_further():
+    seq_lens = [33, 0, 17]
+    req_to_token, req_indices = token_table_case(seq_lens, 16, 48, pool_rows=5)
+    buffer = torch.full((20,), -7, dtype=I32, device="cuda")
+    bsr = BSR.from_token_table(req_to_token.cuda(), req_indices.cuda(), torch.tensor(seq_lens).cuda(), page_size=16,
+                               capacity=6, out=buffer)
+    assert bsr.indices.data_ptr() == buffer.data_ptr()
+    cpu = BSR.from_token_table(req_to_token, req_indices, torch.tensor(seq_lens), page_size=16, capacity=6)
+    assert buffer[:5].tolist() == cpu.indices[:5].tolist()  # 3 + 0 + 2 pages listed
+    assert buffer[5].item() == 0  # the rest of the capacity zeroed
+    assert buffer[6:].tolist() == [-7] * 14  # past capacity: untouched
+
+
+@pytest.mark.gpu
+def test_token_table_kernel_is_one_launch_without_sync():
+    seq_lens = [40, 3, 90, 16]
+    req_to_token, req_indices = (t.cuda() for t in token_table_case(seq_lens, 1, 96, pool_rows=6))
+    lens = torch.tensor(seq_lens, device="cuda")
+    BSR.from_token_table(req_to_token, req_indices, lens, capacity=sum(seq_lens))  # warm-up: build and load
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            BSR.from_token_table(req_to_token, req_indices, lens, capacity=sum(seq_lens))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # The token-table kernel and qo_indptr's arange; nothing else.
+    assert len(kernels) == 2 and any("token_table_kernel" in k for k in kernels), kernels

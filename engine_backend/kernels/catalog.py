@@ -24,7 +24,9 @@ def default_specs(with_test_variants: bool = True) -> list[jit.KernelSpec]:
     def prefill_specs(dtype, dim, variant):  # a BatchPrefill loads one kernel per tile shape
         return [prefill_spec(dtype, dim, variant, tile) for tile in dict.fromkeys(tile_shapes(dim))]
 
-    specs = [merge_spec(d) for d in DTYPES]
+    from ..token_table import SPEC as token_table_spec
+
+    specs = [token_table_spec, *(merge_spec(d) for d in DTYPES)]
     for dtype in DTYPES:
         for dim in HEAD_DIMS:
             specs += [decode_spec(dtype, dim, DEFAULT), *prefill_specs(dtype, dim, DEFAULT)]

@@ -72,21 +72,19 @@ def _request_bsr(
 ) -> tuple[BSR, int]:
     rows = req_pool_indices.shape[0]
     num_pages = page_count(seq_lens_cpu, rows, req_to_token, page_size)
+    if indices_out is not None and num_pages > indices_out.shape[0]:
+        raise ValueError(
+            f"batch lists {num_pages} KV pages but the persistent index buffer holds {indices_out.shape[0]}"
+        )
     bsr = BSR.from_token_table(
-        req_to_token, req_pool_indices, seq_lens, page_size=page_size, qo_indptr=qo_indptr, capacity=num_pages
+        req_to_token, req_pool_indices, seq_lens, page_size=page_size, qo_indptr=qo_indptr, capacity=num_pages,
+        out=indices_out,
     )
-    indices = bsr.indices
-    if indices_out is not None:
-        if num_pages > indices_out.shape[0]:
-            raise ValueError(
-                f"batch lists {num_pages} KV pages but the persistent index buffer holds {indices_out.shape[0]}"
-            )
-        indices_out[:num_pages].copy_(indices)
-        indices = indices_out
-    kv_lens = bsr.kv_lens
+    if indices_out is not None:  # the graphs read the whole persistent buffer, not the view of it
+        bsr.indices = indices_out
     if drop_last_kv:  # faults.DROP_LAST_KV: leave each request's newest token out
-        kv_lens = (kv_lens - 1).clamp_(min=0)
-    return BSR(bsr.indptr, indices, kv_lens, bsr.qo_indptr, page_size).validate(), num_pages
+        bsr = BSR(bsr.indptr, bsr.indices, (bsr.kv_lens - 1).clamp_(min=0), bsr.qo_indptr, page_size).validate()
+    return bsr, num_pages
 
 
 def decode_layout(
