@@ -8,3 +8,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+# SGLang's own kernels as benchmark peers (benchmarks/engine_peers.py), when .peers was carried.
+for wheel in "$PWD"/.peers/sglang-*.zip; do
+  if [ -f "$wheel" ]; then export ENGINE_BACKEND_SGLANG_WHEEL="${ENGINE_BACKEND_SGLANG_WHEEL:-$wheel}"; fi
+done
