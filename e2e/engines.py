@@ -59,6 +59,10 @@ class Engine:
         """Steps in the traces, if known; None: count them as attention launches / the model's layers."""
         return None
 
+    # What the benchmark client prints when its warm-up is over and the measured load begins (vLLM's
+    # `vllm bench serve` and SGLang's `bench_serving` alike); the profiler's delay counts from there.
+    load_started_marker: str | None = "Starting main benchmark run"
+
     # Between the measured pass and the profiled pass the prefix cache is emptied, so that the profiled
     # pass prefills its prompts again instead of hitting the cache the first pass filled.
     flush_cache_path = "/flush_cache"

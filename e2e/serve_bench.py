@@ -42,6 +42,7 @@ BACKEND_FILE = "backend.json"
 TRACE_DIR = "traces"
 PROFILE_PASS = "profile-pass"  # file stem of the profiled pass's client log and result
 PGID_FILE = "server.pgid"
+LOAD_MARKER_WAIT_S = 120.0  # longest wait for the client's load-started line before profiling anyway
 
 
 class Interrupted(Exception):
@@ -134,15 +135,37 @@ def profile_pass(engine: Engine, work: Workload, port: int, backend_dir: Path, e
     print(f"[e2e] {engine.name}: prefix cache flushed; profiled pass", flush=True)
     result_path = backend_dir / (PROFILE_PASS + Path(engine.result_filename).suffix)
     result_path.unlink(missing_ok=True)
-    hook = profiler(engine, work, port, backend_dir, env, args)
-    run_client_checked(engine.client_command(work, port, result_path), env, backend_dir / f"{PROFILE_PASS}.log",
-                       args.client_timeout, hook)
+    log_path = backend_dir / f"{PROFILE_PASS}.log"
+    hook = profiler(engine, work, port, backend_dir, env, args, log_path)
+    run_client_checked(engine.client_command(work, port, result_path), env, log_path, args.client_timeout, hook)
+
+
+def wait_for_load(client: subprocess.Popen, log_path: Path, marker: str | None, timeout_s: float) -> bool:
+    """Wait until the client's log shows `marker` (its load has begun: the client's own start-up, its
+    tokenizer and dataset, takes seconds, and its warm-up request is no load); False if the marker
+    did not appear within `timeout_s` or there is none to wait for. Raises if the client ends first."""
+    deadline = time.monotonic() + timeout_s
+    while marker is not None and time.monotonic() < deadline:
+        ended = client.poll() is not None  # before the log is read: an ended client's log is complete
+        if log_path.is_file() and marker in log_path.read_text(errors="replace"):
+            return True
+        if ended:
+            raise RuntimeError(f"client finished before its load began ({marker!r} not in its log): nothing traced")
+        time.sleep(0.2)
+    return False
 
 
 def profiler(engine: Engine, work: Workload, port: int, backend_dir: Path, env: dict[str, str],
-             args: argparse.Namespace) -> Callable[[subprocess.Popen], None]:
-    """Under load: wait --profile-delay seconds, then trace --profile-steps steps with the engine's profiler."""
+             args: argparse.Namespace, log_path: Path) -> Callable[[subprocess.Popen], None]:
+    """Under load: once the client's load has begun, wait --profile-delay seconds, then trace
+    --profile-steps steps with the engine's profiler."""
     def run(client: subprocess.Popen) -> None:
+        if wait_for_load(client, log_path, engine.load_started_marker, LOAD_MARKER_WAIT_S):
+            print(f"[e2e] {engine.name}: the client's load began; profiling in {args.profile_delay} s", flush=True)
+        else:
+            seen = f"no {engine.load_started_marker!r} in the client's log" if engine.load_started_marker else "no marker"
+            print(f"[e2e] {engine.name}: {seen}; counting the {args.profile_delay} s profile delay from the client's "
+                  "start", flush=True)
         deadline = time.monotonic() + args.profile_delay
         while time.monotonic() < deadline and client.poll() is None:
             time.sleep(0.5)
@@ -301,9 +324,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="after the measured pass, run the client again on the same server (prefix cache "
                              "flushed) and trace this many engine steps with the engine's profiler; summary in "
                              "<backend>/step_profile.md")
-    parser.add_argument("--profile-delay", type=float, default=8.0,
-                        help="seconds of load before profiling; 300 prompts at 16 req/s arrive over ~19 s, and a "
-                             "later start traces only the drain (SGLang's prefill stage then never reaches its steps)")
+    parser.add_argument("--profile-delay", type=float, default=2.0,
+                        help="seconds of load before profiling, counted from the client's 'Starting main benchmark "
+                             "run' line (its start-up and warm-up before it take some 25 s with SGLang's client); "
+                             "300 prompts at 16 req/s arrive over ~19 s and a later start traces only the drain. "
+                             "SGLang's profiler client adds its own start-up, ~13 s, before it starts the trace")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument("--fake-server", action="store_true",
                         help="serve with e2e/fake_server.py instead of the engine (checks the harness and the real "
@@ -342,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile_steps:
         context["profiled"] = (f"server started with the profiler configured; the figures are from an unprofiled "
                                f"pass; then, prefix cache flushed, a second pass traced {args.profile_steps} steps "
-                               f"after {args.profile_delay:g} s of load (<backend>/step_profile.md)")
+                               f"from {args.profile_delay:g} s after the client's load began, plus the profiler's "
+                               f"own start-up (<backend>/step_profile.md)")
     if args.fake_server:
         title = "[FAKE SERVER: harness check, not a measurement] " + title
         context["server"] = "e2e/fake_server.py stand-in; these numbers measure nothing"

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,9 +24,11 @@ from e2e.server import ServerProcess, free_port, live_group_members
 FAKE_SERVER = Path(serve_bench.__file__).resolve().parent / "fake_server.py"
 NUM_PROMPTS = 3
 
-# A stand-in client: one real streamed request to the server, then a result file shaped like vLLM's.
+# A stand-in client: it says its load has begun as the real clients do, sends one real streamed
+# request to the server, then writes a result file shaped like vLLM's.
 FAKE_CLIENT = r"""
 import json, sys, urllib.request
+print("Warmup completed. Starting main benchmark run...", flush=True)
 port, result_path, completed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", method="POST",
                                  data=json.dumps({"prompt": "hi there", "max_tokens": 4}).encode())
@@ -141,7 +144,7 @@ def test_client_failure_fails_the_run_with_its_log(tmp_path):
     assert result.status.startswith("failed: client exited with code 2") and "client broke" in result.status
 
 
-SLOW_CLIENT = "import time; time.sleep(3)\n" + FAKE_CLIENT
+SLOW_CLIENT = FAKE_CLIENT.replace("run...\", flush=True)\n", "run...\", flush=True)\nimport time; time.sleep(3)\n")
 
 
 def test_profiled_run_traces_under_load_and_summarises_the_steps(tmp_path):
@@ -160,6 +163,43 @@ def test_profiled_run_traces_under_load_and_summarises_the_steps(tmp_path):
 def test_profiling_a_client_that_ends_too_soon_fails_with_the_reason(tmp_path):
     result = run(tmp_path, FakeVllm(), profile_steps=4, profile_delay=20.0)
     assert result.status.startswith("failed: client finished within the 20.0 s profile delay"), result.status
+
+
+def test_profiling_a_client_that_ends_before_its_load_fails_with_the_reason(tmp_path):
+    result = run(tmp_path, FakeVllm(client_code=FAKE_CLIENT.replace("Starting main benchmark run", "nothing")),
+                 profile_steps=4, profile_delay=0.0)
+    assert result.status.startswith("failed: client finished before its load began"), result.status
+
+
+def _client(tmp_path: Path, code: str):
+    log_path = tmp_path / "client.log"
+    log = open(log_path, "wb")
+    client = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+    return client, log_path, log
+
+
+def test_the_profile_delay_counts_from_the_clients_load_not_its_start(tmp_path):
+    """A client that starts up for 1.5 s before its load: the wait ends at its load-started line."""
+    code = "import time; time.sleep(1.5); print('Starting main benchmark run...', flush=True); time.sleep(5)"
+    client, log_path, log = _client(tmp_path, code)
+    try:
+        t0 = time.monotonic()
+        assert serve_bench.wait_for_load(client, log_path, "Starting main benchmark run", timeout_s=30)
+        assert 1.4 <= time.monotonic() - t0 < 10
+        assert client.poll() is None  # returned while the load runs, not at the client's end
+    finally:
+        client.kill(), client.wait(), log.close()
+
+
+def test_waiting_for_a_load_line_that_never_comes_gives_up(tmp_path):
+    client, log_path, log = _client(tmp_path, "import time; print('other output', flush=True); time.sleep(30)")
+    try:
+        t0 = time.monotonic()
+        assert not serve_bench.wait_for_load(client, log_path, "Starting main benchmark run", timeout_s=1.0)
+        assert 0.9 <= time.monotonic() - t0 < 10
+        assert not serve_bench.wait_for_load(client, log_path, None, timeout_s=30)  # no marker: no wait
+    finally:
+        client.kill(), client.wait(), log.close()
 
 
 def test_results_collect_in_engine_order_across_runs(tmp_path):
