@@ -137,7 +137,7 @@ class BSR:
                              f"{out.dtype} {tuple(out.shape)} on {out.device}")
         if qo_indptr is None:
             qo_indptr = torch.arange(rows + 1, dtype=INDEX_DTYPE, device=device)
-        from . import token_table
+        from . import token_table  # here, not at the top: importing the package must not load the JIT
 
         if token_table.applies(req_to_token):
             indices = out[:capacity] if out is not None else torch.empty(capacity, dtype=INDEX_DTYPE, device=device)
