@@ -25,11 +25,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# First match wins: the planning kernels before the attention kernels whose names they share.
+# First match wins: the planning kernels (and the token table -> BSR one) before the attention kernels whose
+# names they share.
 CATEGORIES: tuple[tuple[str, re.Pattern], ...] = tuple(
     (name, re.compile(pattern))
     for name, pattern in (
-        ("engine_backend plan", r"eb::.*plan_kernel|decode_plan_kernel|prefill_plan_kernel"),
+        ("engine_backend plan", r"eb::.*(plan|token_table)_kernel|decode_plan_kernel|prefill_plan_kernel"),
         ("engine_backend attention", r"eb::|decode_kernel|prefill_kernel|merge_(pair|many)_kernel"),
         ("flashinfer attention", r"BatchDecodeWith|BatchPrefillWith|MergeStates|flashinfer::.*(Prefill|Decode|Attention)"),
         ("triton attention", r"_fwd_(grouped_)?kernel_stage[12]|_fwd_kernel\b|unified_attention|kernel_unified"),
@@ -187,6 +188,27 @@ def report(p: StepProfile, top: int = 15) -> str:
     return "\n".join(lines)
 
 
+HOST_CATEGORIES = ("cpu_op", "cuda_runtime", "cuda_driver", "user_annotation")
+
+
+def host_report(events: list[dict], steps: int, top: int = 25) -> str:
+    """Host-side time per step by operator (torch ops, CUDA runtime calls, annotated ranges), inclusive
+    of what each calls: where one backend's step spends host time that another's does not. A step whose
+    host work outlasts the GPU's leaves the GPU idle, which the kernel table above cannot show."""
+    total: dict[tuple[str, str], float] = defaultdict(float)
+    calls: dict[tuple[str, str], int] = defaultdict(int)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in HOST_CATEGORIES:
+            key = (e["cat"], e["name"])
+            total[key] += float(e.get("dur", 0.0))
+            calls[key] += 1
+    lines = [f"| host operator | kind | us per step | calls per step |", "| --- | --- | --- | --- |"]
+    for (cat, name), us in sorted(total.items(), key=lambda kv: -kv[1])[:top]:
+        short = name if len(name) <= 80 else name[:77] + "..."
+        lines.append(f"| `{short}` | {cat} | {us / steps:.1f} | {calls[(cat, name)] / steps:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("traces", nargs="+", type=Path, help="trace files or folders holding them")
@@ -195,9 +217,13 @@ def main(argv=None) -> int:
                         "attention kernel / layers (default: the trace's cudaGraphLaunch count, right only where "
                         "one graph runs one step)")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--host", action="store_true", help="also the host-side operators per step")
     args = parser.parse_args(argv)
     events = [e for path in trace_files(args.traces) for e in read_trace(path)]
-    print(report(profile(events, args.steps, args.layers), args.top))
+    result = profile(events, args.steps, args.layers)
+    print(report(result, args.top))
+    if args.host:
+        print("\n" + host_report(events, result.steps, max(args.top, 25)))
     by_batch = decode_attention_by_batch(events)
     if by_batch:
         print("\n" + batch_report(by_batch))

@@ -37,8 +37,15 @@ def check_rows(name: str, t: torch.Tensor, rows: int, heads: int, head_dim: int,
         raise ValueError(f"{name} must be [>= {rows}, {heads}, {head_dim}], got {tuple(t.shape)}")
     if t.dtype != dtype:
         raise ValueError(f"{name} has dtype {t.dtype}, expected {dtype}")
-    if not t.is_cuda or t.stride(2) != 1 or t.data_ptr() % 16 or t.stride(0) % 8 or t.stride(1) % 8:
+    if not t.is_cuda or not rows_readable_in_place(t):
         raise ValueError(f"{name} must be a CUDA tensor with a contiguous, 16-byte aligned head dim")
+
+
+def rows_readable_in_place(t: torch.Tensor) -> bool:
+    """Whether the kernels can read a ``[rows, heads, head_dim]`` tensor as it is: head dim
+    contiguous, rows and heads on 16-byte boundaries (16-byte loads). Other strides are free, so
+    a column slice of a fused QKV projection needs no copy."""
+    return t.stride(2) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0
 
 
 def check_plan_input(kv, *, max_batch_size: int, page_size: int, device) -> None:

@@ -171,3 +171,20 @@ def test_decode_rejects_bad_inputs_before_launch():
         dec.run(q.half(), k, v)
     with pytest.raises(ValueError, match="page_size"):
         dec.run(q, k.view(-1, 8, 8, 128), v)
+
+
+def test_decode_reads_a_fused_qkv_slice_in_place():
+    """SGLang hands attention a column slice of the fused QKV projection; the adapter passes it as it is."""
+    from engine_backend.adapters.common import query_rows
+
+    hq, hkv, dim = 32, 8, 128
+    q, k, v, bsr = decode_batch([700, 1, 64, 2000], 1, hq, hkv, dim, torch.bfloat16, "sglang")
+    qkv = poisoned_like(torch.empty(q.shape[0], (hq + 2 * hkv) * dim, dtype=q.dtype, device="cuda"))
+    qkv[:, : hq * dim] = q.reshape(q.shape[0], -1)
+    strided = query_rows(qkv[:, : hq * dim], hq, dim)
+    assert strided.data_ptr() == qkv.data_ptr() and not strided.is_contiguous()
+    dec = BatchDecode(hq, hkv, dim, 1, max_batch_size=4)
+    dec.plan(bsr)
+    out = dec.run(strided, k, v, out=poisoned_like(q))
+    ref, _ = reference.attention(q, k, v, bsr)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]

@@ -54,6 +54,7 @@ def random_steps(rng, steps, layers):
 def test_categories_of_known_kernels():
     assert category(OUR_PLAN) == "engine_backend plan"  # before the attention pattern it also matches
     assert category(OUR_DECODE) == "engine_backend attention"
+    assert category("eb::(anonymous namespace)::token_table_kernel(eb::TokenTableParams)") == "engine_backend plan"
     assert category("eb::(anonymous namespace)::merge_many_kernel(...)") == "engine_backend attention"
     assert category("void flashinfer::BatchPrefillWithPagedKVCacheKernel<...>(...)") == "flashinfer attention"
     assert category("_fwd_grouped_kernel_stage1") == "triton attention"
@@ -156,3 +157,19 @@ def test_reads_gzipped_traces_from_folders(tmp_path, capsys):
 def test_no_trace_files_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         trace_files([tmp_path])
+
+
+def test_host_report_ranks_host_operators_per_step(tmp_path, capsys):
+    def host(cat, name, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": 0, "dur": dur, "pid": 1, "tid": 1}
+
+    events = [kernel(OUR_DECODE, 0, 10), kernel(OUR_DECODE, 20, 10)]  # two steps of one layer
+    events += [host("cpu_op", "aten::arange", 3), host("cpu_op", "aten::arange", 5), host("cuda_runtime", "cudaGraphLaunch", 40),
+               host("kernel", "not host", 1000), {"ph": "i", "cat": "cpu_op", "name": "instant", "ts": 0}]
+    path = tmp_path / "t.trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    assert main([str(path), "--layers", "1", "--host"]) == 0
+    table = capsys.readouterr().out.split("| host operator |")[1].splitlines()
+    assert table[2] == "| `cudaGraphLaunch` | cuda_runtime | 20.0 | 0.5 |"  # 40 us over 2 steps, first
+    assert table[3] == "| `aten::arange` | cpu_op | 4.0 | 1.0 |"
+    assert len(table) == 4  # GPU kernels and instant events are not host operators

@@ -168,3 +168,21 @@ def test_prefill_rejects_bad_inputs():
     pre.plan(bsr)
     with pytest.raises(ValueError, match="max_num_tokens"):
         pre.run(q, k, v)
+
+
+def test_prefill_reads_a_fused_qkv_slice_in_place():
+    """SGLang hands attention a column slice of the fused QKV projection; the adapter passes it as it is."""
+    from engine_backend.adapters.common import query_rows
+
+    hq, hkv, dim = 32, 8, 128
+    q, k, v, bsr = paged_batch([100, 1, 37], [300, 50, 37], 1, hq, hkv, dim, torch.bfloat16, layout="sglang")
+    qkv = poisoned_like(torch.empty(q.shape[0], (hq + 2 * hkv) * dim, dtype=q.dtype, device="cuda"))
+    qkv[:, : hq * dim] = q.reshape(q.shape[0], -1)
+    strided = query_rows(qkv[:, : hq * dim], hq, dim)
+    assert strided.data_ptr() == qkv.data_ptr() and not strided.is_contiguous()
+    ref, _ = reference.attention(q, k, v, bsr, causal=True)
+    pre = BatchPrefill(hq, hkv, dim, 1)
+    for num_tokens in (0, None):  # both tile shapes (see check)
+        pre.plan(bsr, num_tokens=num_tokens)
+        out = pre.run(strided, k, v, out=poisoned_like(q))
+        assert rel_err(out, ref) < TOL[torch.bfloat16], pre.tile

@@ -91,7 +91,9 @@ class Scenario:
                     pool.set_kv_buffer(layer, loc, keys[a:b].to(self.run.device), values[a:b].to(self.run.device))
 
     def step_inputs(self, layer_id, prefix_lens, seq_lens):
-        """q, and the new tokens' k and v, packed over requests as SGLang packs them."""
+        """q, and the new tokens' k and v, packed over requests as SGLang packs them. q is a column slice of a
+        fused QKV buffer, as SGLang's models hand it (rows strided by the QKV width), so the adapter's in-place
+        read of it is what these tests check."""
         qs, ks, vs, expected = [], [], [], []
         layer = self.run.model[layer_id]
         window = layer.sliding_window_size
@@ -105,8 +107,11 @@ class Scenario:
                 naive_attention(q, keys[:n], values[:n], range(p, n), window=window, soft_cap=layer.logit_cap or 0.0)
             )
         dev = self.run.device
+        q = torch.cat(qs).view(-1, HQ * D)
+        qkv = torch.full((q.shape[0], (HQ + 2 * HKV) * D), float("nan"), dtype=q.dtype, device=dev)
+        qkv[:, : HQ * D] = q.to(dev)
         return (
-            torch.cat(qs).view(-1, HQ * D).to(dev),
+            qkv[:, : HQ * D],
             torch.cat(ks).to(dev),
             torch.cat(vs).to(dev),
             torch.cat(expected).view(-1, HQ * D),

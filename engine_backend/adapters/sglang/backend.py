@@ -32,6 +32,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from engine_backend.format import INDEX_DTYPE
 
+from ..common import query_rows
 from .compat import check_runner
 from .faults import DROP_LAST_KV, fault_from_env
 from .kernels import KernelSet, LayerKernels
@@ -164,7 +165,7 @@ class EngineBackendAttnBackend(AttentionBackend):
         k_pages = paged_kv_view(self.kv_pool.get_key_buffer(layer.layer_id), self.page_size)
         v_pages = paged_kv_view(self.kv_pool.get_value_buffer(layer.layer_id), self.page_size)
         kernels = self.kernels.for_layer(layer.layer_id)
-        q = q.contiguous().view(-1, heads, dim)
+        q = query_rows(q, heads, dim)
         out = _run_kernels(kernels, layout, q, k_pages, v_pages, _engine_output(forward_batch, q))
         return out.view(-1, heads * dim)
 
