@@ -267,6 +267,19 @@ def test_an_output_slice_that_does_not_fit_is_not_used():
     assert _engine_output(batch, q).data_ptr() == fits.data_ptr()
 
 
+def test_an_extend_beyond_the_prefill_budget_is_refused_at_planning(tmp_path):
+    """The prefill buffers are sized from SGLang's prefill budget; a batch beyond it (SGLang's one-batch
+    benchmark prefills a whole batch at once) is refused by name, before any kernel runs."""
+    import dataclasses
+
+    run, backend = backend_for(tmp_path, "cpu", 1)
+    backend.setup = dataclasses.replace(backend.setup, max_extend_tokens=39)
+    scene = Scenario(run, [40])
+    batch = testing.extend_batch(run, scene.view([40]), [40])
+    with pytest.raises(RuntimeError, match="sized for 39 prefill tokens per batch .* got 40; raise --max-prefill-tokens"):
+        backend.init_forward_metadata(batch)
+
+
 def test_attention_before_metadata_is_an_error(tmp_path):
     run, backend = backend_for(tmp_path, "cpu", 1)
     scene = Scenario(run, [5])

@@ -145,8 +145,9 @@ class EngineBackendAttnBackend(AttentionBackend):
             raise RuntimeError(f"engine_backend was sized for {limit} requests per batch, got {layout.num_rows}")
         if not layout.is_decode and (layout.num_query_tokens or 0) > self.setup.max_extend_tokens:
             raise RuntimeError(
-                f"engine_backend was sized for {self.setup.max_extend_tokens} prefill tokens per batch, got "
-                f"{layout.num_query_tokens}; lower --chunked-prefill-size / --max-prefill-tokens"
+                f"engine_backend was sized for {self.setup.max_extend_tokens} prefill tokens per batch (from "
+                f"--chunked-prefill-size / --max-prefill-tokens), got {layout.num_query_tokens}; raise "
+                "--max-prefill-tokens for batches this large"
             )
 
     # ------------------------------------------------------------------ attention
