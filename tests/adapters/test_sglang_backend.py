@@ -267,6 +267,25 @@ def test_an_output_slice_that_does_not_fit_is_not_used():
     assert _engine_output(batch, q).data_ptr() == fits.data_ptr()
 
 
+def test_the_query_slice_reaches_the_kernels_without_a_copy(tmp_path, monkeypatch):
+    """SGLang's models hand attention a column slice of the fused QKV projection; copying it cost a kernel per
+    layer (RESULTS.md, SGLang serving, ninth session). The kernels must get the slice's own storage."""
+    from engine_backend.adapters.sglang import backend as backend_module
+
+    run, backend = backend_for(tmp_path, "cpu", 1)
+    scene = Scenario(run, [5, 9])
+    scene.cache_tokens([0, 0], [4, 8])
+    batch = testing.decode_batch(run, scene.view([5, 9]))
+    backend.init_forward_metadata(batch)
+    q, k, v, expected = scene.step_inputs(0, [4, 8], [5, 9])
+    seen = []
+    run_kernels = backend_module._run_kernels
+    monkeypatch.setattr(backend_module, "_run_kernels", lambda kernels, layout, q_rows, *rest: (
+        seen.append(q_rows), run_kernels(kernels, layout, q_rows, *rest))[1])
+    assert_close(backend.forward(q, k, v, run.model[0], batch), expected)
+    assert not q.is_contiguous() and seen[0].data_ptr() == q.data_ptr() and seen[0].stride(0) == q.stride(0)
+
+
 def test_an_extend_beyond_the_prefill_budget_is_refused_at_planning(tmp_path):
     """The prefill buffers are sized from SGLang's prefill budget; a batch beyond it (SGLang's one-batch
     benchmark prefills a whole batch at once) is refused by name, before any kernel runs."""
