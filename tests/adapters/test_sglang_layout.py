@@ -72,6 +72,22 @@ def test_decode_batch_of_mixed_lengths(tmp_path, page_size):
     assert layout.kv.indices.shape[0] == layout.num_pages  # eager: sized exactly, no padding
 
 
+def test_decode_query_pointers_are_slices_of_one_persistent_arange(tmp_path):
+    """Before every decode graph replay: qo_indptr is sliced from the backend's arange, not allocated."""
+    from engine_backend.adapters.common import StridedAranges
+
+    run = testing.runner(tmp_path, page_size=1)
+    aranges = StridedAranges("cpu", initial_rows=8)
+    table = run.req_to_token_pool.req_to_token
+    layouts = []
+    for lens in ([1, 17, 33], [5, 2]):
+        requests = testing.place_requests(run, lens)
+        layout = layout_from_forward_batch(testing.decode_batch(run, requests), table, 1, aranges=aranges)
+        assert_layout(layout, requests, 1, [1] * len(requests), is_decode=True)
+        layouts.append(layout)
+    assert layouts[0].kv.qo_indptr.data_ptr() == layouts[1].kv.qo_indptr.data_ptr() == aranges.get(8, 1).data_ptr()
+
+
 @pytest.mark.parametrize("page_size", PAGE_SIZES)
 def test_extend_with_cached_prefix_shared_between_requests(tmp_path, page_size):
     """A radix-cache hit: requests 1 and 2 reuse request 0's first 32 tokens (whole pages)

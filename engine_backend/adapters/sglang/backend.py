@@ -32,7 +32,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from engine_backend.format import INDEX_DTYPE
 
-from ..common import query_rows
+from ..common import StridedAranges, query_rows
 from .compat import check_runner
 from .faults import DROP_LAST_KV, fault_from_env
 from .kernels import KernelSet, LayerKernels
@@ -87,6 +87,8 @@ class EngineBackendAttnBackend(AttentionBackend):
         self.kv_pool = model_runner.token_to_kv_pool
         self.page_size = self.setup.page_size
         self.kernels = KernelSet(self.setup, kernel_factory)
+        # Decode's qo_indptr (0, 1, ..., B), sliced each step instead of allocated before every replay.
+        self.aranges = StridedAranges(self.req_to_token.device, initial_rows=self.setup.max_batch_size)
         self.graph_indices: torch.Tensor | None = None
         self.layout: BatchLayout | None = None
         logger.info(
@@ -134,6 +136,7 @@ class EngineBackendAttnBackend(AttentionBackend):
             self.page_size,
             indices_out=indices_out,
             drop_last_kv=self.fault == DROP_LAST_KV,
+            aranges=self.aranges,
         )
         self._check_capacity(layout)
         self.kernels.plan(layout)

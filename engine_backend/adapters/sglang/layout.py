@@ -26,6 +26,8 @@ import torch
 
 from engine_backend.format import BSR, INDEX_DTYPE
 
+from ..common import StridedAranges
+
 DECODE_MODES = ("DECODE",)
 EXTEND_MODES = ("EXTEND", "MIXED")
 
@@ -96,12 +98,15 @@ def decode_layout(
     *,
     indices_out: torch.Tensor | None = None,
     drop_last_kv: bool = False,
+    aranges: StridedAranges | None = None,
 ) -> BatchLayout:
-    """One query per request; ``seq_lens`` already counts the token being decoded."""
-    kv, num_pages = _request_bsr(
-        req_to_token, req_pool_indices, seq_lens, seq_lens_cpu, page_size, None, indices_out, drop_last_kv
-    )
+    """One query per request; ``seq_lens`` already counts the token being decoded. ``aranges``
+    supplies ``qo_indptr = 0, 1, ..., B`` as a slice, where otherwise every step allocates it."""
     rows = req_pool_indices.shape[0]
+    qo_indptr = aranges.get(rows, 1) if aranges is not None else None
+    kv, num_pages = _request_bsr(
+        req_to_token, req_pool_indices, seq_lens, seq_lens_cpu, page_size, qo_indptr, indices_out, drop_last_kv
+    )
     return BatchLayout(kv=kv, num_rows=rows, num_query_tokens=rows, num_pages=num_pages, is_decode=True)
 
 
@@ -137,6 +142,7 @@ def layout_from_forward_batch(
     *,
     indices_out: torch.Tensor | None = None,
     drop_last_kv: bool = False,
+    aranges: StridedAranges | None = None,
 ) -> BatchLayout:
     """Translate a ForwardBatch (or the graph runner's replay view of one, which carries the
     same decode fields) for a DECODE, EXTEND or MIXED step; other modes are refused."""
@@ -152,6 +158,7 @@ def layout_from_forward_batch(
             page_size,
             indices_out=indices_out,
             drop_last_kv=drop_last_kv,
+            aranges=aranges,
         )
     if mode in EXTEND_MODES:
         return extend_layout(
