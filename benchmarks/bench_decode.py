@@ -1,11 +1,12 @@
 """Decode benchmark: ours vs peers on the same inputs, in one run, plus the device's copy bandwidth.
 
     python benchmarks/bench_decode.py [--no-peer] [--peers flashinfer,vllm_fa3,sglang_triton]
-                                      [--serving-shapes] [--page-size 16] [--out results.json]
+                                      [--serving-shapes] [--page-size 16] [--pool-tokens 750000] [--out results.json]
 
 Shapes (issue #2): Hq=32, Hkv=8, D=128, page 16, bf16; uniform (B, L) batches, one skewed
 batch (one 32768-token request and 127 of 512), and plan() time at B=128. `--page-size 1` is
-SGLang's default layout (one token per page, pages scattered).
+SGLang's default layout (one token per page, pages scattered). `--pool-tokens N` scatters the pages over
+a pool of N tokens instead of a pool of just the batch, as in a serving engine whose pool spans gigabytes.
 
 Peers: `flashinfer` (BatchDecodeWithPagedKVCacheWrapper, use_tensor_cores=True; the default), and the
 engines' own decode kernels where that engine is installed (benchmarks/engine_peers.py): `vllm_fa3`
@@ -44,14 +45,19 @@ def ragged_lens(count: int, low: int, high: int, seed: int = 0) -> list[int]:
 
 
 SERVING_SHAPES = [("1x512", [512]), ("8x256", [256] * 8), ("16x512", [512] * 16),
-                  ("24 ragged 64-2048", ragged_lens(24, 64, 2048)), ("32x512", [512] * 32), ("48x512", [512] * 48),
+                  ("24 ragged 64-2048", ragged_lens(24, 64, 2048)), ("32x512", [512] * 32), ("40 ragged 64-2048", ragged_lens(40, 64, 2048)),
+                  ("48x512", [512] * 48),
                   ("48x1024", [1024] * 48), ("56 ragged 64-2048", ragged_lens(56, 64, 2048))]
 
 
-def make_batch(lens, page=PAGE):
+def make_batch(lens, page=PAGE, pool_tokens=0):
+    """The batch's pages at random places in a KV pool of ``pool_tokens`` tokens (at least the
+    batch's own): a serving engine's pool spans gigabytes, so its reads miss the TLB a packed
+    pool of just the batch never does."""
     pages = [-(-n // page) for n in lens]
-    pool = sum(pages)
-    perm = torch.randperm(pool, device="cuda", dtype=torch.int64).to(torch.int32)
+    needed = sum(pages)
+    pool = max(needed, -(-pool_tokens // page))
+    perm = torch.randperm(pool, device="cuda", dtype=torch.int64)[:needed].to(torch.int32)
     width = max(pages)
     table = torch.zeros(len(lens), width, dtype=torch.int32, device="cuda")
     at = 0
@@ -115,6 +121,8 @@ def main() -> None:
     parser.add_argument("--serving-shapes", action="store_true", help="the small batches of a serving run instead")
     parser.add_argument("--page-size", type=int, default=PAGE, help="tokens per KV page (1: SGLang's default)")
     parser.add_argument("--peers", default="flashinfer", help=f"comma-separated, of {', '.join(PEERS)}")
+    parser.add_argument("--pool-tokens", type=int, default=0,
+                        help="scatter each batch's pages over a KV pool this large (0: a pool of just the batch)")
     args = parser.parse_args()
     page = args.page_size
     peer_names = [] if args.no_peer else [p.strip() for p in args.peers.split(",") if p.strip()]
@@ -125,7 +133,7 @@ def main() -> None:
     copy_bw = copy_bandwidth()  # bytes/s, read + write
     rows = []
     for name, lens in SERVING_SHAPES if args.serving_shapes else SHAPES:
-        q, k, v, table, seq = make_batch(lens, page)
+        q, k, v, table, seq = make_batch(lens, page, args.pool_tokens)
         t, t_graph, out, dec, bsr = bench_ours(q, k, v, table, seq, page)
         row = {"shape": name, "ours_us": t.median_ms * 1e3, "ours_graph_us": t_graph.median_ms * 1e3,
                "bytes": kv_bytes(lens)}
@@ -155,9 +163,10 @@ def main() -> None:
             peer_plan_us = peers.flashinfer_decode_plan_us(table, seq, page, HQ, HKV, D)
         except Exception as e:  # noqa: BLE001
             peer_plan_us = f"error: {e}"[:120]
-    print_table(rows, copy_bw, plan_us, plan_gpu, peer_plan_us, page, peer_names)
+    print_table(rows, copy_bw, plan_us, plan_gpu, peer_plan_us, page, peer_names, args.pool_tokens)
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "page_size": page,
+                                        "pool_tokens": args.pool_tokens,
                                         "copy_bw": copy_bw, "rows": rows, "peers": peer_names,
                                         "plan_host_us": plan_us, "plan_gpu_us": plan_gpu,
                                         "flashinfer_plan_us": peer_plan_us}, indent=2))
@@ -167,9 +176,9 @@ def percent_of_copy(nbytes: int, us: float, copy_bw: float) -> float:
     return 100 * nbytes / (us * 1e-6) / copy_bw
 
 
-def print_table(rows, copy_bw, plan_us, plan_gpu, peer_plan_us, page, peer_names) -> None:
+def print_table(rows, copy_bw, plan_us, plan_gpu, peer_plan_us, page, peer_names, pool_tokens=0) -> None:
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s  "
-          f"page size: {page}")
+          f"page size: {page}  KV pool: {pool_tokens or 'the batch'} tokens")
     peer_heads = "".join(f" {p} µs (% copy) | ours / {p} |" for p in peer_names)
     print(f"| shape | ours µs | ours % copy |{peer_heads} ours in a graph µs (% copy) | max rel err |")
     print("|---|---|---|" + "---|---|" * len(peer_names) + "---|---|")

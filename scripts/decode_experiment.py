@@ -8,6 +8,10 @@
 2. Phase timeline: a build with -DEB_DECODE_TIMELINE stamps %globaltimer per CTA (entry, loads
    issued, first K/V arrived, stream done, output written, exit).
 3. Tuning knobs: warps per CTA, pipeline stages, CTAs per SM (grid size).
+4. Short requests (``--parts short``): the batches SGLang's ShareGPT serving run decodes (16-48
+   requests of a few hundred tokens, page size 1; its server logs put 6-12k KV tokens in a batch of
+   25-40), where the per-step serving times came out 1-3 % above ``triton``'s: each knob above plus
+   the planner's request overhead, against SGLang's Triton decode kernel on the same inputs.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_decode import HKV, HQ, D, DTYPE, PAGE, make_batch  # noqa: E402
+from benchmarks.bench_decode import HKV, HQ, D, DTYPE, PAGE, make_batch, ragged_lens  # noqa: E402
 from benchmarks.timing import time_cuda  # noqa: E402
 from engine_backend import BSR, decode, reference  # noqa: E402
 from engine_backend.kernels import jit  # noqa: E402
@@ -30,7 +34,8 @@ from engine_backend.variants import DEFAULT  # noqa: E402
 
 TIMELINE_OFFSET = 512 * HQ * D  # floats into work_o: past every partial-state slot of a small batch
 KNOBS = {"w4s3": (), "w8s3": ("-DEB_DECODE_WARPS=8",), "w4s4": ("-DEB_DECODE_STAGES=4",),
-         "w4s2": ("-DEB_DECODE_STAGES=2",), "timeline": (f"-DEB_DECODE_TIMELINE={TIMELINE_OFFSET}",)}
+         "w4s2": ("-DEB_DECODE_STAGES=2",), "timeline": (f"-DEB_DECODE_TIMELINE={TIMELINE_OFFSET}",),
+         "w2s3": ("-DEB_DECODE_WARPS=2",), "w2s2": ("-DEB_DECODE_WARPS=2", "-DEB_DECODE_STAGES=2")}
 
 
 _default_spec = decode.kernel_spec
@@ -41,11 +46,11 @@ def spec(flags) -> jit.KernelSpec:
     return jit.KernelSpec.make(base.name, base.sources, dict(base.params), cuda_flags=flags)
 
 
-def make_decoder(flags=(), ctas_per_sm: int | None = None, max_batch: int = 256) -> decode.BatchDecode:
+def make_decoder(flags=(), ctas_per_sm: int | None = None, max_batch: int = 256, page: int = PAGE) -> decode.BatchDecode:
     original = decode.kernel_spec
     decode.kernel_spec = lambda dtype, dim, variant: spec(flags)
     try:
-        return decode.BatchDecode(HQ, HKV, D, PAGE, dtype=DTYPE, max_batch_size=max_batch, ctas_per_sm=ctas_per_sm)
+        return decode.BatchDecode(HQ, HKV, D, page, dtype=DTYPE, max_batch_size=max_batch, ctas_per_sm=ctas_per_sm)
     finally:
         decode.kernel_spec = original
 
@@ -129,6 +134,53 @@ def knobs(results: dict) -> None:
             rows.append({"config": name, "case": case, "us": us, "ctas": dec.ctas, "rel_err": err})
             print(f"knobs {name:16s} ctas/head {dec.ctas:3d} {case:9s} {us:7.1f} us  rel err {err:.1e}", flush=True)
     results["knobs"] = rows
+
+
+SHORT_SHAPES = [("16x256", [256] * 16), ("32x128", [128] * 32), ("32x256", [256] * 32), ("40x256", [256] * 40),
+                ("48x192", [192] * 48), ("32 ragged 16-600", ragged_lens(32, 16, 600)),
+                ("40 ragged 16-600", ragged_lens(40, 16, 600, seed=1))]
+
+
+def short(results: dict) -> None:
+    """Knobs on short-request batches at page size 1, with SGLang's Triton decode as the yardstick."""
+    from benchmarks import engine_peers, peers
+
+    page, rows = 1, []
+    configs = [("default", (), None, None)]  # BatchDecode as shipped (small-batch grid switch included)
+    configs += [(f"overhead {o}", (), None, o) for o in (0, 8, 128)]
+    configs += [("1 CTA/SM", (), 1, None)]
+    configs += [(name, KNOBS[name], None, None) for name in ("w4s2", "w2s3", "w2s2", "w8s3")]
+    inputs = {case: make_batch(lens, page) for case, lens in SHORT_SHAPES}
+    for case, (q, k, v, table, seq) in inputs.items():
+        peer = engine_peers.sglang_triton_decode_peer(q, k, v, table, seq)
+        eager, _ = peers.measure(peer)
+        graph = torch.cuda.CUDAGraph()  # as SGLang replays it: no Python launch cost in the time
+        with torch.cuda.graph(graph):
+            peer.run()
+        us = time_cuda(graph.replay).median_ms * 1e3
+        rows.append({"config": "sglang_triton", "case": case, "us": us, "eager_us": eager.median_ms * 1e3})
+        print(f"short {'sglang_triton':14s} {case:17s} {us:7.1f} us in a graph ({rows[-1]['eager_us']:.1f} eager)",
+              flush=True)
+    shipped_overhead = decode.REQUEST_OVERHEAD
+    for name, flags, per_sm, overhead in configs:
+        try:
+            dec = make_decoder(flags, per_sm, page=page)
+        except Exception as e:  # noqa: BLE001 - a knob that does not build or fit is a result too
+            print(f"short {name:14s} unavailable: {type(e).__name__}: {e}"[:200], flush=True)
+            continue
+        decode.REQUEST_OVERHEAD = shipped_overhead if overhead is None else overhead
+        try:
+            for case, (q, k, v, table, seq) in inputs.items():
+                bsr = BSR.from_block_table(table, seq, page)
+                us = graph_time_us(dec, q, k, v, bsr)
+                out = dec.run(q, k, v)
+                ref, _ = reference.attention(q, k, v, bsr)
+                err = float((out.float() - ref.float()).norm() / ref.float().norm())
+                rows.append({"config": name, "case": case, "us": us, "ctas": dec.ctas, "rel_err": err})
+                print(f"short {name:14s} {case:17s} {us:7.1f} us  ctas/head {dec.ctas:3d} rel err {err:.1e}", flush=True)
+        finally:
+            decode.REQUEST_OVERHEAD = shipped_overhead
+    results["short"] = rows
 
 
 def main() -> None:

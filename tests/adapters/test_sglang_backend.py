@@ -399,3 +399,28 @@ def test_captured_decode_graph_replays_a_different_batch(tmp_path, page_size):
     graph.replay()
     torch.cuda.synchronize()
     assert_close(static_out[:3], expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_planning_never_syncs_with_the_device(tmp_path, page_size):
+    """SGLang's overlap scheduler launches step N+1 while step N still runs on the GPU; a host
+    sync in our per-step planning (decode replay or eager extend) would serialise the two.
+    Planning runs with torch's sync check set to raise."""
+    run, backend = backend_for(tmp_path, "cuda", page_size)
+    backend.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
+    inputs = testing.DecodeGraphInputs(run, max_bs=8, seq_len_fill_value=backend.get_cuda_graph_seq_len_fill_value())
+    lengths = [9, 50, 17]
+    scene = Scenario(run, lengths, seed=3)
+    scene.cache_tokens([0] * 3, [n - 1 for n in lengths])
+    view = inputs.load(testing.decode_batch(run, scene.view(lengths)), padded_bs=4)
+    extend = testing.extend_batch(run, scene.view(lengths), [4, 50, 1])
+    backend.init_forward_metadata_out_graph(view, in_capture=True)  # first plans may allocate
+    backend.init_forward_metadata(extend)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        backend.init_forward_metadata_out_graph(view, in_capture=False)
+        backend.init_forward_metadata(extend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
