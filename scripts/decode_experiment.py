@@ -81,12 +81,15 @@ def sweep(results: dict) -> None:
     results["sweep"] = rows
 
 
-def timeline(results: dict) -> None:
-    dec = make_decoder(KNOBS["timeline"], max_batch=1024)
+TIMELINE_SHAPES = (("1x32768", [32768]), ("16x1024", [1024] * 16), ("16x8192", [8192] * 16), ("48x512", [512] * 48))
+
+
+def timeline(results: dict, shapes=TIMELINE_SHAPES, page: int = PAGE, key: str = "timeline") -> None:
+    dec = make_decoder(KNOBS["timeline"], max_batch=1024, page=page)
     out = {}
-    for name, lens in (("1x32768", [32768]), ("16x1024", [1024] * 16), ("16x8192", [8192] * 16), ("48x512", [512] * 48)):
-        q, k, v, table, seq = make_batch(lens)
-        bsr = BSR.from_block_table(table, seq, PAGE)
+    for name, lens in shapes:
+        q, k, v, table, seq = make_batch(lens, page)
+        bsr = BSR.from_block_table(table, seq, page)
         dec.plan(bsr)
         stamps = dec._work_o.view(-1)[TIMELINE_OFFSET:].view(torch.int64)
         runs = []
@@ -110,8 +113,8 @@ def timeline(results: dict) -> None:
         last = runs[-1]
         summary["first_data_latency_median"] = statistics.median(b - a for a, b in zip(last["s1"], last["s2"]))
         out[name] = summary
-        print(f"timeline {name}: " + json.dumps(summary), flush=True)
-    results["timeline"] = out
+        print(f"{key} {name}: " + json.dumps(summary), flush=True)
+    results[key] = out
 
 
 def knobs(results: dict) -> None:
@@ -181,6 +184,9 @@ def short(results: dict) -> None:
         finally:
             decode.REQUEST_OVERHEAD = shipped_overhead
     results["short"] = rows
+    # Where a short batch's launch goes: the phase stamps of the timeline build, at page size 1.
+    timeline(results, [(c, lens) for c, lens in SHORT_SHAPES if c in ("32x256", "40 ragged 16-600")], page,
+             key="short_timeline")
 
 
 def main() -> None:
