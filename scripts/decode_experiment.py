@@ -35,7 +35,8 @@ from engine_backend.variants import DEFAULT  # noqa: E402
 TIMELINE_OFFSET = 512 * HQ * D  # floats into work_o: past every partial-state slot of a small batch
 KNOBS = {"w4s3": (), "w8s3": ("-DEB_DECODE_WARPS=8",), "w4s4": ("-DEB_DECODE_STAGES=4",),
          "w4s2": ("-DEB_DECODE_STAGES=2",), "timeline": (f"-DEB_DECODE_TIMELINE={TIMELINE_OFFSET}",),
-         "w2s3": ("-DEB_DECODE_WARPS=2",), "w2s2": ("-DEB_DECODE_WARPS=2", "-DEB_DECODE_STAGES=2")}
+         "w2s3": ("-DEB_DECODE_WARPS=2",), "w2s2": ("-DEB_DECODE_WARPS=2", "-DEB_DECODE_STAGES=2"),
+         "pdl": ("-DEB_DECODE_PDL",)}
 
 
 _default_spec = decode.kernel_spec
@@ -53,6 +54,20 @@ def make_decoder(flags=(), ctas_per_sm: int | None = None, max_batch: int = 256,
         return decode.BatchDecode(HQ, HKV, D, page, dtype=DTYPE, max_batch_size=max_batch, ctas_per_sm=ctas_per_sm)
     finally:
         decode.kernel_spec = original
+
+
+def graph_time_after_write_us(dec, q, k, v, bsr) -> float:
+    """Graph replay of [a kernel that writes q, then the decode], as in a model's layer (rope
+    writes the query just before attention): what a programmatic dependent launch can save."""
+    dec.plan(bsr)
+    source, out = q.clone(), torch.empty_like(q)
+    q.copy_(source)
+    dec.run(q, k, v, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q.copy_(source)
+        dec.run(q, k, v, out=out)
+    return time_cuda(graph.replay).median_ms * 1e3
 
 
 def graph_time_us(dec, q, k, v, bsr) -> float:
@@ -152,18 +167,24 @@ def short(results: dict) -> None:
     configs = [("default", (), None, None)]  # BatchDecode as shipped (small-batch grid switch included)
     configs += [(f"overhead {o}", (), None, o) for o in (0, 8, 128)]
     configs += [("1 CTA/SM", (), 1, None)]
-    configs += [(name, KNOBS[name], None, None) for name in ("w4s2", "w2s3", "w2s2", "w8s3")]
+    configs += [(name, KNOBS[name], None, None) for name in ("w4s2", "w2s3", "w2s2", "w8s3", "pdl")]
     inputs = {case: make_batch(lens, page) for case, lens in SHORT_SHAPES}
     for case, (q, k, v, table, seq) in inputs.items():
         peer = engine_peers.sglang_triton_decode_peer(q, k, v, table, seq)
         eager, _ = peers.measure(peer)
-        graph = torch.cuda.CUDAGraph()  # as SGLang replays it: no Python launch cost in the time
-        with torch.cuda.graph(graph):
-            peer.run()
-        us = time_cuda(graph.replay).median_ms * 1e3
-        rows.append({"config": "sglang_triton", "case": case, "us": us, "eager_us": eager.median_ms * 1e3})
-        print(f"short {'sglang_triton':14s} {case:17s} {us:7.1f} us in a graph ({rows[-1]['eager_us']:.1f} eager)",
-              flush=True)
+        source = q.clone()
+        times = []
+        for write_q in (False, True):  # as SGLang replays it: no Python launch cost in the time
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                if write_q:
+                    q.copy_(source)
+                peer.run()
+            times.append(time_cuda(graph.replay).median_ms * 1e3)
+        rows.append({"config": "sglang_triton", "case": case, "us": times[0], "after_write_us": times[1],
+                     "eager_us": eager.median_ms * 1e3})
+        print(f"short {'sglang_triton':14s} {case:17s} {times[0]:7.1f} us ({times[1]:.1f} after a q write; "
+              f"{rows[-1]['eager_us']:.1f} eager)", flush=True)
     shipped_overhead = decode.REQUEST_OVERHEAD
     for name, flags, per_sm, overhead in configs:
         try:
@@ -176,11 +197,14 @@ def short(results: dict) -> None:
             for case, (q, k, v, table, seq) in inputs.items():
                 bsr = BSR.from_block_table(table, seq, page)
                 us = graph_time_us(dec, q, k, v, bsr)
+                after = graph_time_after_write_us(dec, q, k, v, bsr)
                 out = dec.run(q, k, v)
                 ref, _ = reference.attention(q, k, v, bsr)
                 err = float((out.float() - ref.float()).norm() / ref.float().norm())
-                rows.append({"config": name, "case": case, "us": us, "ctas": dec.ctas, "rel_err": err})
-                print(f"short {name:14s} {case:17s} {us:7.1f} us  ctas/head {dec.ctas:3d} rel err {err:.1e}", flush=True)
+                rows.append({"config": name, "case": case, "us": us, "after_write_us": after, "ctas": dec.ctas,
+                             "rel_err": err})
+                print(f"short {name:14s} {case:17s} {us:7.1f} us ({after:.1f} after a q write)  ctas/head "
+                      f"{dec.ctas:3d} rel err {err:.1e}", flush=True)
         finally:
             decode.REQUEST_OVERHEAD = shipped_overhead
     results["short"] = rows

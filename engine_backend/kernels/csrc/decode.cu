@@ -409,6 +409,11 @@ EB_DEVICE void write_piece(const DecodeParams& p, const Smem& sm, const HeadTile
 __global__ void __launch_bounds__(kThreads, kMinCtas) decode_kernel(const DecodeParams p) {
   extern __shared__ __align__(128) uint8_t smem_raw[];
   const Smem sm(smem_raw);
+#ifdef EB_DECODE_PDL
+  // Launched as a programmatic dependent (see decode_run_launch): wait here for the previous
+  // kernel's writes (the query, the step's K/V) before the first global read.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   stamp(p, 0);
   // Loads with no dependence on each other, all issued before the first use: the plan's
   // arrays are read as a chain of round trips before the first K/V byte, keep it short.
@@ -602,7 +607,24 @@ void decode_run_launch(const DecodeParams& params, cudaStream_t stream) {
   }();
   (void)configured;
   const dim3 grid(params.ctas, params.num_kv_heads * params.head_tiles);
+#ifdef EB_DECODE_PDL
+  // Experiment builds only (-DEB_DECODE_PDL, sm_90+): programmatic dependent launch, so this
+  // grid's launch overlaps the end of the previous kernel on the stream (as SGLang launches
+  // its Triton decode); the kernel waits for that kernel's memory before reading anything.
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = kSmemBytes;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  cudaLaunchKernelEx(&config, decode_kernel, params);
+#else
   decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(params);
+#endif
 }
 
 }  // namespace eb
