@@ -164,10 +164,16 @@ def short(results: dict) -> None:
     from benchmarks import engine_peers, peers
 
     page, rows = 1, []
-    configs = [("default", (), None, None)]  # BatchDecode as shipped (small-batch grid switch included)
-    configs += [(f"overhead {o}", (), None, o) for o in (0, 8, 128)]
-    configs += [("1 CTA/SM", (), 1, None)]
-    configs += [(name, KNOBS[name], None, None) for name in ("w4s2", "w2s3", "w2s2", "w8s3", "pdl")]
+    # (name, build flags, CTAs per SM, request overhead, grid per head tile as a function of the batch
+    # and the buffers' CTA count). None: as shipped (BatchDecode's small-batch grid switch included).
+    configs = [("default", (), None, None, None)]
+    configs += [(f"overhead {o}", (), None, o, None) for o in (0, 8, 128)]
+    configs += [("1 CTA/SM", (), 1, None, None)]
+    # Grids that line CTAs up with requests: one per request, or one per two (no request is cut when
+    # the batch is uniform), instead of equal shares of a 2-per-SM grid that cut every other request.
+    configs += [("grid = batch", (), None, None, lambda b, ctas: min(ctas, b)),
+                ("grid = batch/2", (), None, None, lambda b, ctas: min(ctas, -(-b // 2)))]
+    configs += [(name, KNOBS[name], None, None, None) for name in ("w4s2", "w2s3", "w2s2", "w8s3", "pdl")]
     inputs = {case: make_batch(lens, page) for case, lens in SHORT_SHAPES}
     for case, (q, k, v, table, seq) in inputs.items():
         peer = engine_peers.sglang_triton_decode_peer(q, k, v, table, seq)
@@ -185,8 +191,8 @@ def short(results: dict) -> None:
                      "eager_us": eager.median_ms * 1e3})
         print(f"short {'sglang_triton':14s} {case:17s} {times[0]:7.1f} us ({times[1]:.1f} after a q write; "
               f"{rows[-1]['eager_us']:.1f} eager)", flush=True)
-    shipped_overhead = decode.REQUEST_OVERHEAD
-    for name, flags, per_sm, overhead in configs:
+    shipped_overhead, shipped_small_batch = decode.REQUEST_OVERHEAD, decode.SMALL_BATCH
+    for name, flags, per_sm, overhead, grid in configs:
         try:
             dec = make_decoder(flags, per_sm, page=page)
         except Exception as e:  # noqa: BLE001 - a knob that does not build or fit is a result too
@@ -195,18 +201,22 @@ def short(results: dict) -> None:
         decode.REQUEST_OVERHEAD = shipped_overhead if overhead is None else overhead
         try:
             for case, (q, k, v, table, seq) in inputs.items():
+                if grid is not None:  # plan() takes the small-batch grid for every batch, set to grid()
+                    decode.SMALL_BATCH = 1 << 30
+                    dec.small_batch_ctas = grid(q.shape[0], dec.ctas)
                 bsr = BSR.from_block_table(table, seq, page)
                 us = graph_time_us(dec, q, k, v, bsr)
                 after = graph_time_after_write_us(dec, q, k, v, bsr)
                 out = dec.run(q, k, v)
                 ref, _ = reference.attention(q, k, v, bsr)
                 err = float((out.float() - ref.float()).norm() / ref.float().norm())
-                rows.append({"config": name, "case": case, "us": us, "after_write_us": after, "ctas": dec.ctas,
+                grid_ctas = dec._grid_ctas  # the grid this plan launched, per head tile
+                rows.append({"config": name, "case": case, "us": us, "after_write_us": after, "grid": grid_ctas,
                              "rel_err": err})
-                print(f"short {name:14s} {case:17s} {us:7.1f} us ({after:.1f} after a q write)  ctas/head "
-                      f"{dec.ctas:3d} rel err {err:.1e}", flush=True)
+                print(f"short {name:14s} {case:17s} {us:7.1f} us ({after:.1f} after a q write)  grid/head "
+                      f"{grid_ctas:3d} rel err {err:.1e}", flush=True)
         finally:
-            decode.REQUEST_OVERHEAD = shipped_overhead
+            decode.REQUEST_OVERHEAD, decode.SMALL_BATCH = shipped_overhead, shipped_small_batch
     results["short"] = rows
     # Where a short batch's launch goes: the phase stamps of the timeline build, at page size 1.
     timeline(results, [(c, lens) for c, lens in SHORT_SHAPES if c in ("32x256", "40 ragged 16-600")], page,
