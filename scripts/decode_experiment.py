@@ -36,7 +36,7 @@ TIMELINE_OFFSET = 512 * HQ * D  # floats into work_o: past every partial-state s
 KNOBS = {"w4s3": (), "w8s3": ("-DEB_DECODE_WARPS=8",), "w4s4": ("-DEB_DECODE_STAGES=4",),
          "w4s2": ("-DEB_DECODE_STAGES=2",), "timeline": (f"-DEB_DECODE_TIMELINE={TIMELINE_OFFSET}",),
          "w2s3": ("-DEB_DECODE_WARPS=2",), "w2s2": ("-DEB_DECODE_WARPS=2", "-DEB_DECODE_STAGES=2"),
-         "pdl": ("-DEB_DECODE_PDL",)}
+         "pdl": ("-DEB_DECODE_PDL",), "snap/8": ("-DEB_DECODE_SNAP_DIV=8",), "snap/16": ("-DEB_DECODE_SNAP_DIV=16",)}
 
 
 _default_spec = decode.kernel_spec
@@ -173,7 +173,10 @@ def short(results: dict) -> None:
     # the batch is uniform), instead of equal shares of a 2-per-SM grid that cut every other request.
     configs += [("grid = batch", (), None, None, lambda b, ctas: min(ctas, b)),
                 ("grid = batch/2", (), None, None, lambda b, ctas: min(ctas, -(-b // 2)))]
-    configs += [(name, KNOBS[name], None, None, None) for name in ("w4s2", "w2s3", "w2s2", "w8s3", "pdl")]
+    # Planner snap: a CTA boundary moves onto a request boundary within a quarter share, which spares
+    # slivers but can leave a CTA 1.25 shares; requests about a share long make that the makespan.
+    configs += [(name, KNOBS[name], None, None, None)
+                for name in ("snap/8", "snap/16", "w4s2", "w2s3", "w2s2", "w8s3", "pdl")]
     inputs = {case: make_batch(lens, page) for case, lens in SHORT_SHAPES}
     for case, (q, k, v, table, seq) in inputs.items():
         peer = engine_peers.sglang_triton_decode_peer(q, k, v, table, seq)

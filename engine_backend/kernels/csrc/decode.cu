@@ -28,6 +28,9 @@ constexpr int D = ${HEAD_DIM};
 #ifndef EB_DECODE_STAGES
 #define EB_DECODE_STAGES (D == 64 ? 4 : 3)
 #endif
+#ifndef EB_DECODE_SNAP_DIV  // planning: boundaries move onto a request boundary within share / this (>= 4)
+#define EB_DECODE_SNAP_DIV 4
+#endif
 constexpr int kWarps = EB_DECODE_WARPS;
 constexpr int kThreads = kWarps * 32;
 constexpr int kSub = 16;                // tokens per warp sub-tile (the MMA's k for P.V)
@@ -524,9 +527,10 @@ __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t
   }
   __syncthreads();
   // 2. CTA boundaries: equal shares of T, each moved onto a request boundary within a quarter
-  //    share (boundaries stay strictly increasing: shares are at least 4 apart when it moves).
+  //    share (boundaries stay strictly increasing: shares are at least 4 apart when it moves;
+  //    experiment builds may narrow the window, EB_DECODE_SNAP_DIV).
   const long share = used > 0 ? long(total) / used : 0;
-  const long snap = share / 4;
+  const long snap = share / EB_DECODE_SNAP_DIV;
   for (int c = tid; used > 0 && c <= used; c += kPlanThreads) {
     long x = long(c) * total / used;  // used > 0 here: the loop is empty otherwise
     if (c > 0 && c < used && snap > 0) {
