@@ -159,6 +159,23 @@ SHORT_SHAPES = [("16x256", [256] * 16), ("32x128", [128] * 32), ("32x256", [256]
                 ("40 ragged 16-600", ragged_lens(40, 16, 600, seed=1))]
 
 
+def short_case(dec, name, case, q, k, v, table, seq, grid, page) -> dict:
+    """One knob on one batch: graph times alone and after a q write, and the error vs the reference."""
+    if grid is not None:  # plan() takes the small-batch grid for every batch, set to grid()
+        decode.SMALL_BATCH = 1 << 30
+        dec.small_batch_ctas = grid(q.shape[0], dec.ctas)
+    bsr = BSR.from_block_table(table, seq, page)
+    us = graph_time_us(dec, q, k, v, bsr)
+    after = graph_time_after_write_us(dec, q, k, v, bsr)
+    out = dec.run(q, k, v)
+    ref, _ = reference.attention(q, k, v, bsr)
+    err = float((out.float() - ref.float()).norm() / ref.float().norm())
+    grid_ctas = dec._grid_ctas  # the grid this plan launched, per head tile
+    print(f"short {name:14s} {case:17s} {us:7.1f} us ({after:.1f} after a q write)  grid/head "
+          f"{grid_ctas:3d} rel err {err:.1e}", flush=True)
+    return {"config": name, "case": case, "us": us, "after_write_us": after, "grid": grid_ctas, "rel_err": err}
+
+
 def short(results: dict) -> None:
     """Knobs on short-request batches at page size 1, with SGLang's Triton decode as the yardstick."""
     from benchmarks import engine_peers, peers
@@ -177,6 +194,10 @@ def short(results: dict) -> None:
     # slivers but can leave a CTA 1.25 shares; requests about a share long make that the makespan.
     configs += [(name, KNOBS[name], None, None, None)
                 for name in ("snap/8", "snap/16", "w4s2", "w2s3", "w2s2", "w8s3", "pdl")]
+    # Where a short batch's launch goes: the phase stamps of the timeline build, at page size 1 (first,
+    # so that a knob's failure below cannot cost it).
+    timeline(results, [(c, lens) for c, lens in SHORT_SHAPES if c in ("32x256", "40 ragged 16-600")], page,
+             key="short_timeline")
     inputs = {case: make_batch(lens, page) for case, lens in SHORT_SHAPES}
     for case, (q, k, v, table, seq) in inputs.items():
         peer = engine_peers.sglang_triton_decode_peer(q, k, v, table, seq)
@@ -204,26 +225,14 @@ def short(results: dict) -> None:
         decode.REQUEST_OVERHEAD = shipped_overhead if overhead is None else overhead
         try:
             for case, (q, k, v, table, seq) in inputs.items():
-                if grid is not None:  # plan() takes the small-batch grid for every batch, set to grid()
-                    decode.SMALL_BATCH = 1 << 30
-                    dec.small_batch_ctas = grid(q.shape[0], dec.ctas)
-                bsr = BSR.from_block_table(table, seq, page)
-                us = graph_time_us(dec, q, k, v, bsr)
-                after = graph_time_after_write_us(dec, q, k, v, bsr)
-                out = dec.run(q, k, v)
-                ref, _ = reference.attention(q, k, v, bsr)
-                err = float((out.float() - ref.float()).norm() / ref.float().norm())
-                grid_ctas = dec._grid_ctas  # the grid this plan launched, per head tile
-                rows.append({"config": name, "case": case, "us": us, "after_write_us": after, "grid": grid_ctas,
-                             "rel_err": err})
-                print(f"short {name:14s} {case:17s} {us:7.1f} us ({after:.1f} after a q write)  grid/head "
-                      f"{grid_ctas:3d} rel err {err:.1e}", flush=True)
+                try:
+                    rows.append(short_case(dec, name, case, q, k, v, table, seq, grid, page))
+                except Exception as e:  # noqa: BLE001 - a knob's failure (a launch it cannot make) is a result
+                    rows.append({"config": name, "case": case, "error": f"{type(e).__name__}: {e}"[:200]})
+                    print(f"short {name:14s} {case:17s} error: {rows[-1]['error']}", flush=True)
         finally:
             decode.REQUEST_OVERHEAD, decode.SMALL_BATCH = shipped_overhead, shipped_small_batch
     results["short"] = rows
-    # Where a short batch's launch goes: the phase stamps of the timeline build, at page size 1.
-    timeline(results, [(c, lens) for c, lens in SHORT_SHAPES if c in ("32x256", "40 ragged 16-600")], page,
-             key="short_timeline")
 
 
 def main() -> None:
