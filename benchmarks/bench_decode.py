@@ -45,8 +45,8 @@ def ragged_lens(count: int, low: int, high: int, seed: int = 0) -> list[int]:
 
 
 SERVING_SHAPES = [("1x512", [512]), ("8x256", [256] * 8), ("16x512", [512] * 16),
-                  ("24 ragged 64-2048", ragged_lens(24, 64, 2048)), ("32x512", [512] * 32), ("40 ragged 64-2048", ragged_lens(40, 64, 2048)),
-                  ("48x512", [512] * 48),
+                  ("24 ragged 64-2048", ragged_lens(24, 64, 2048)), ("32x512", [512] * 32),
+                  ("40 ragged 64-2048", ragged_lens(40, 64, 2048)), ("48x512", [512] * 48),
                   ("48x1024", [1024] * 48), ("56 ragged 64-2048", ragged_lens(56, 64, 2048))]
 
 

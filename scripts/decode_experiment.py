@@ -47,7 +47,8 @@ def spec(flags) -> jit.KernelSpec:
     return jit.KernelSpec.make(base.name, base.sources, dict(base.params), cuda_flags=flags)
 
 
-def make_decoder(flags=(), ctas_per_sm: int | None = None, max_batch: int = 256, page: int = PAGE) -> decode.BatchDecode:
+def make_decoder(flags=(), ctas_per_sm: int | None = None, max_batch: int = 256,
+                 page: int = PAGE) -> decode.BatchDecode:
     original = decode.kernel_spec
     decode.kernel_spec = lambda dtype, dim, variant: spec(flags)
     try:

@@ -54,7 +54,8 @@ def test_kv_buckets_compare_only_cells_both_backends_reached():
 
 
 def test_the_step_model_recovers_known_costs_despite_outliers():
-    steps = [DecodeStep(r, t, 4.9 + 0.004 * r + 0.06 * t / 1000) for r in range(1, 41, 3) for t in range(500, 12000, 700)]
+    steps = [DecodeStep(r, t, 4.9 + 0.004 * r + 0.06 * t / 1000)
+             for r in range(1, 41, 3) for t in range(500, 12000, 700)]
     steps += [DecodeStep(20, 5000, 30.0), DecodeStep(5, 900, 25.0)]  # steps that waited on something else
     model = fit(steps)
     assert model.steps == len(steps) - 2
