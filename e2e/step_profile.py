@@ -202,7 +202,7 @@ def host_report(events: list[dict], steps: int, top: int = 25) -> str:
             key = (e["cat"], e["name"])
             total[key] += float(e.get("dur", 0.0))
             calls[key] += 1
-    lines = [f"| host operator | kind | us per step | calls per step |", "| --- | --- | --- | --- |"]
+    lines = ["| host operator | kind | us per step | calls per step |", "| --- | --- | --- | --- |"]
     for (cat, name), us in sorted(total.items(), key=lambda kv: -kv[1])[:top]:
         short = name if len(name) <= 80 else name[:77] + "..."
         lines.append(f"| `{short}` | {cat} | {us / steps:.1f} | {calls[(cat, name)] / steps:.1f} |")
