@@ -94,7 +94,7 @@ class BatchDecode:
 
     def _alloc_buffers(self) -> None:
         rows, ctas, tiles = self.max_batch_size, self.ctas, self.num_kv_heads * self.head_tiles
-        plan_ints = 4 + (rows + 1) + 6 * rows + (ctas + 1) + ctas + rows * tiles
+        plan_ints = 4 + (rows + 1) + 6 * rows + (ctas + 1) + 6 * ctas + rows * tiles  # decode.h, DecodePlan
         self._plan = torch.zeros(plan_ints, dtype=torch.int32, device=self.device)
         slots = rows + ctas  # every CTA boundary adds at most one piece
         self._work_o = torch.empty(slots, self.num_qo_heads, self.head_dim, dtype=torch.float32, device=self.device)

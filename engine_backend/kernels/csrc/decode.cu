@@ -114,6 +114,23 @@ struct SubTileCursor {
     }
     valid = false;
   }
+  // From the CTA's first segment as the plan recorded it (plan.first_seg: request, lo, hi,
+  // kv_begin, page_ptr), so the first loads wait for no per-request read; seek on from the next
+  // request when this warp has no sub-tile in it.
+  EB_DEVICE void start(const DecodeParams& p, const Range& r, int rows, const int (&seg)[5], int first_row,
+                       int warp) {
+#ifdef EB_DECODE_SEEK_FIRST  // experiment builds: the older path, which seeks from plan.first_row
+    seek(p, r, rows, first_row, warp);
+#else
+    if (seg[0] >= 0 && seg[1] + warp * kSub < seg[2]) {
+      row = seg[0], lo = seg[1], hi = seg[2], sub = warp, valid = true;
+      begin = seg[3];
+      pages = p.indices + seg[4];
+      return;
+    }
+    seek(p, r, rows, seg[0] >= 0 ? seg[0] + 1 : rows, warp);
+#endif
+  }
   EB_DEVICE void advance(const DecodeParams& p, const Range& r, int rows, int warp) {
     sub += kWarps;
     if (lo + sub * kSub >= hi) seek(p, r, rows, row + 1, warp);
@@ -426,6 +443,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) decode_kernel(const Decode
   r.x0 = p.plan.cta_start[c];
   r.x1 = p.plan.cta_start[c + 1];  // the array has ctas + 1 entries
   const int first = p.plan.first_row[c];
+  int first_seg[5];
+#pragma unroll
+  for (int i = 0; i < 5; ++i) first_seg[i] = p.plan.first_seg[5 * c + i];
   if (c >= used) return;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -437,7 +457,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) decode_kernel(const Decode
   ht.rows = min(kRows, group - tile * kRows);
 
   SubTileCursor issue;
-  issue.seek(p, r, rows, first, warp);
+  issue.start(p, r, rows, first_seg, first, warp);
   issue.prefetch_page(p, lane);
   for (int s = 0; s < kStages - 1; ++s) issue_and_advance(p, sm, issue, r, rows, s, warp, lane, ht.kv_head);
   int stage = 0;
@@ -489,6 +509,22 @@ __global__ void __launch_bounds__(kThreads, kMinCtas) decode_kernel(const Decode
 // ---------------------------------------------------------------------- planning kernel
 constexpr int kPlanThreads = 1024;
 using PlanScan = cub::BlockScan<int, kPlanThreads>;
+
+// plan.first_seg of CTA c: its first segment that holds tokens, starting the search at request b.
+EB_DEVICE void record_first_segment(const DecodePlan& plan, int c, int b, int rows, int overhead) {
+  Range r;
+  r.x0 = plan.cta_start[c];
+  r.x1 = plan.cta_start[c + 1];
+  int32_t* out = plan.first_seg + 5 * c;
+  for (; b < rows && plan.cost_start[b] < r.x1; ++b) {
+    const Segment s = segment_of(plan, r, overhead, b);
+    if (s.has_tokens()) {
+      out[0] = b, out[1] = s.lo, out[2] = s.hi, out[3] = plan.kv_begin[b], out[4] = plan.page_ptr[b];
+      return;
+    }
+  }
+  out[0] = -1;
+}
 
 __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t* __restrict__ indptr,
                                                                   const int32_t* __restrict__ kv_lens, int rows,
@@ -555,6 +591,7 @@ __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t
       if (plan.cost_start[mid + 1] > x0) hi = mid; else lo = mid + 1;
     }
     plan.first_row[c] = lo;
+    record_first_segment(plan, c, lo, rows, overhead);
   }
   // 4. Pieces of every request and partial-state slots of those cut into several.
   auto cta_of = [&](long pos) {  // the CTA whose range holds cost position pos

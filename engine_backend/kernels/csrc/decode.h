@@ -25,6 +25,8 @@ struct DecodePlan {
   int32_t* page_ptr;    // [max_rows] the BSR indptr entry of request b
   int32_t* cta_start;   // [ctas + 1] cost range of each CTA
   int32_t* first_row;   // [ctas] first request CTA c touches
+  int32_t* first_seg;   // [ctas][5] CTA c's first segment holding tokens: request, lo, hi, kv_begin, page_ptr
+                        // (request -1: none), so its first K/V loads need no per-request reads
   int32_t* first_cta;   // [max_rows] CTA holding the request's first token
   int32_t* pieces;      // [max_rows] CTAs the request is cut across
   int32_t* piece_base;  // [max_rows] first partial-state slot of a request cut into pieces

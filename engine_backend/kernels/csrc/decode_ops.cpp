@@ -14,7 +14,7 @@ constexpr int kHeadDim = ${HEAD_DIM};
 // The plan lives in one int32 buffer; this carves it into the arrays of eb::DecodePlan.
 eb::DecodePlan carve_plan(const at::Tensor& buf, int64_t max_rows, int64_t ctas, int64_t head_tiles_total) {
   TORCH_CHECK(buf.scalar_type() == at::kInt && buf.is_contiguous(), "plan buffer must be contiguous int32");
-  const int64_t need = 4 + (max_rows + 1) + 6 * max_rows + (ctas + 1) + ctas + max_rows * head_tiles_total;
+  const int64_t need = 4 + (max_rows + 1) + 6 * max_rows + (ctas + 1) + 6 * ctas + max_rows * head_tiles_total;
   TORCH_CHECK(buf.numel() >= need, "plan buffer too small: ", buf.numel(), " < ", need);
   int32_t* p = buf.data_ptr<int32_t>();
   eb::DecodePlan plan;
@@ -25,6 +25,7 @@ eb::DecodePlan carve_plan(const at::Tensor& buf, int64_t max_rows, int64_t ctas,
   plan.page_ptr = p, p += max_rows;
   plan.cta_start = p, p += ctas + 1;
   plan.first_row = p, p += ctas;
+  plan.first_seg = p, p += 5 * ctas;
   plan.first_cta = p, p += max_rows;
   plan.pieces = p, p += max_rows;
   plan.piece_base = p, p += max_rows;
