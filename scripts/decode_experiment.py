@@ -36,7 +36,9 @@ TIMELINE_OFFSET = 512 * HQ * D  # floats into work_o: past every partial-state s
 KNOBS = {"w4s3": (), "w8s3": ("-DEB_DECODE_WARPS=8",), "w4s4": ("-DEB_DECODE_STAGES=4",),
          "w4s2": ("-DEB_DECODE_STAGES=2",), "timeline": (f"-DEB_DECODE_TIMELINE={TIMELINE_OFFSET}",),
          "w2s3": ("-DEB_DECODE_WARPS=2",), "w2s2": ("-DEB_DECODE_WARPS=2", "-DEB_DECODE_STAGES=2"),
-         "pdl": ("-DEB_DECODE_PDL",), "snap/8": ("-DEB_DECODE_SNAP_DIV=8",), "snap/16": ("-DEB_DECODE_SNAP_DIV=16",)}
+         "pdl": ("-DEB_DECODE_PDL",), "snap/8": ("-DEB_DECODE_SNAP_DIV=8",), "snap/16": ("-DEB_DECODE_SNAP_DIV=16",),
+         "seek": ("-DEB_DECODE_SEEK_FIRST",),
+         "timeline seek": (f"-DEB_DECODE_TIMELINE={TIMELINE_OFFSET}", "-DEB_DECODE_SEEK_FIRST")}
 
 
 _default_spec = decode.kernel_spec
@@ -100,8 +102,9 @@ def sweep(results: dict) -> None:
 TIMELINE_SHAPES = (("1x32768", [32768]), ("16x1024", [1024] * 16), ("16x8192", [8192] * 16), ("48x512", [512] * 48))
 
 
-def timeline(results: dict, shapes=TIMELINE_SHAPES, page: int = PAGE, key: str = "timeline") -> None:
-    dec = make_decoder(KNOBS["timeline"], max_batch=1024, page=page)
+def timeline(results: dict, shapes=TIMELINE_SHAPES, page: int = PAGE, key: str = "timeline",
+             flags=KNOBS["timeline"]) -> None:
+    dec = make_decoder(flags, max_batch=1024, page=page)
     out = {}
     for name, lens in shapes:
         q, k, v, table, seq = make_batch(lens, page)
@@ -137,12 +140,14 @@ def knobs(results: dict) -> None:
     rows = []
     from benchmarks.bench_decode import SHAPES
 
-    # Fixed grids: as many CTAs per SM as fit (2 for w4s3), or one; not BatchDecode's small-batch switch.
-    configs = [(name, flags, 2 if name == "w4s3" else None) for name, flags in KNOBS.items()
-               if name not in ("timeline", "w4s2")]
+    # Fixed grids: as many CTAs per SM as fit (2 for w4s3), or one; not BatchDecode's small-batch switch
+    # (until the eleventh session only w4s3 had it off, so batches of up to 16 ran other grids elsewhere).
+    configs = [(name, flags, None) for name, flags in KNOBS.items()
+               if not name.startswith("timeline") and name != "w4s2"]
     configs += [("w4s3 1 CTA/SM", (), 1)]
     for name, flags, per_sm in configs:
         dec = make_decoder(flags, per_sm)
+        dec.small_batch_ctas = dec.ctas  # the same grid for every batch
         for case, lens in SHAPES:
             q, k, v, table, seq = make_batch(lens)
             bsr = BSR.from_block_table(table, seq, PAGE)
@@ -194,11 +199,15 @@ def short(results: dict) -> None:
     # Planner snap: a CTA boundary moves onto a request boundary within a quarter share, which spares
     # slivers but can leave a CTA 1.25 shares; requests about a share long make that the makespan.
     configs += [(name, KNOBS[name], None, None, None)
-                for name in ("snap/8", "snap/16", "w4s2", "w2s3", "w2s2", "w8s3", "pdl")]
+                for name in ("seek", "snap/8", "snap/16", "w4s2", "w2s3", "w2s2", "w8s3", "pdl")]
+    configs += [("default again", (), None, None, None)]  # the drift of the run: default first and last
     # Where a short batch's launch goes: the phase stamps of the timeline build, at page size 1 (first,
     # so that a knob's failure below cannot cost it).
-    timeline(results, [(c, lens) for c, lens in SHORT_SHAPES if c in ("32x256", "40 ragged 16-600")], page,
-             key="short_timeline")
+    # Also the timeline of the older issue path ("seek": the first segment sought through the
+    # per-request arrays instead of read from plan.first_seg).
+    timeline_shapes = [(c, lens) for c, lens in SHORT_SHAPES if c in ("32x256", "40 ragged 16-600")]
+    timeline(results, timeline_shapes, page, key="short_timeline")
+    timeline(results, timeline_shapes, page, key="short_timeline_seek", flags=KNOBS["timeline seek"])
     inputs = {case: make_batch(lens, page) for case, lens in SHORT_SHAPES}
     for case, (q, k, v, table, seq) in inputs.items():
         peer = engine_peers.sglang_triton_decode_peer(q, k, v, table, seq)
