@@ -301,6 +301,21 @@ def run_context(engine: Engine, work: Workload, env: dict[str, str], args: argpa
     }
 
 
+def check_ours_installed(engine: Engine, backends: list[str], context: dict[str, str],
+                         args: argparse.Namespace) -> None:
+    """Refuse before any server starts when our backend is asked for but the engine's Python cannot see the
+    package: its entry point is what registers the backend, so the server would only fail after minutes of
+    start-up (SGLang: an argparse error naming every choice but ours), and after the other backends' runs."""
+    ours = engine.backends[0]
+    if ours in backends and not args.fake_server and context["engine-backend"] == "not installed":
+        raise SystemExit(
+            f"--backends names {ours}, but engine-backend is not installed for {args.python} "
+            f"(PYTHONPATH {args.pythonpath or 'inherited'}): its entry point registers the backend with "
+            f"{engine.name}. Install it there first, e.g. `{args.python} -m pip install --no-deps "
+            f"{'--target ' + args.pythonpath.split(os.pathsep)[0] + ' ' if args.pythonpath else ''}.`"
+        )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", required=True, choices=sorted(ENGINES))
@@ -363,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)
     context = run_context(engine, work, env, args)
+    check_ours_installed(engine, backends, context, args)
     title = f"Serving benchmark: {engine.name}, ShareGPT, {work.num_prompts} prompts at {work.request_rate:g} req/s"
     if args.profile_steps:
         context["profiled"] = (f"server started with the profiler configured; the figures are from an unprofiled "

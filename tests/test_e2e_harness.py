@@ -273,3 +273,24 @@ def test_dry_run_shows_the_profiled_commands(tmp_path, capsys):
                              "--profile-steps", "30"]) == 0
     out = capsys.readouterr().out
     assert "--profiler-config" not in out and "-m sglang.profiler" in out and "--num-steps 30" in out
+
+
+@pytest.mark.parametrize("engine,ours,other", [("sglang", "engine_backend", "triton"), ("vllm", "CUSTOM", "FLASH_ATTN")])
+def test_our_backend_without_the_package_is_refused_before_any_server_starts(tmp_path, monkeypatch, engine, ours,
+                                                                              other):
+    installed = {"engine-backend": "not installed"}
+    monkeypatch.setattr(serve_bench, "package_version", lambda python, env, dist: installed.get(dist, "1.0"))
+    started = []
+
+    def run_backend(engine, work, backend, *rest):  # stands in for a server start and a client run
+        started.append(backend)
+        return argparse.Namespace(status="ok")
+
+    monkeypatch.setattr(serve_bench, "run_backend", run_backend)
+    argv = ["--engine", engine, "--backends", f"{other},{ours}", "--out", str(tmp_path), "--pythonpath", "/site"]
+    with pytest.raises(SystemExit, match=f"names {ours}.*not installed.*--target /site"):
+        serve_bench.main(argv)
+    assert started == []
+    installed["engine-backend"] = "0.1.0"  # installed: both backends run
+    assert serve_bench.main(argv) == 0
+    assert started == [other, ours]
