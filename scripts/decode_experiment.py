@@ -37,7 +37,9 @@ KNOBS = {"w4s3": (), "w8s3": ("-DEB_DECODE_WARPS=8",), "w4s4": ("-DEB_DECODE_STA
          "w4s2": ("-DEB_DECODE_STAGES=2",), "timeline": (f"-DEB_DECODE_TIMELINE={TIMELINE_OFFSET}",),
          "w2s3": ("-DEB_DECODE_WARPS=2",), "w2s2": ("-DEB_DECODE_WARPS=2", "-DEB_DECODE_STAGES=2"),
          "pdl": ("-DEB_DECODE_PDL",), "snap/8": ("-DEB_DECODE_SNAP_DIV=8",), "snap/16": ("-DEB_DECODE_SNAP_DIV=16",),
-         "seek": ("-DEB_DECODE_SEEK_FIRST",),
+         "seek": ("-DEB_DECODE_SEEK_FIRST",), "snap/2": ("-DEB_DECODE_SNAP_HALF",),
+         "align 1.25": ("-DEB_DECODE_ALIGN=5",), "align 2": ("-DEB_DECODE_ALIGN=8",),
+         "align 2 snap/2": ("-DEB_DECODE_ALIGN=8", "-DEB_DECODE_SNAP_HALF"),
          "timeline seek": (f"-DEB_DECODE_TIMELINE={TIMELINE_OFFSET}", "-DEB_DECODE_SEEK_FIRST")}
 
 
@@ -190,6 +192,10 @@ def short(results: dict) -> None:
     # (name, build flags, CTAs per SM, request overhead, grid per head tile as a function of the batch
     # and the buffers' CTA count). None: as shipped (BatchDecode's small-batch grid switch included).
     configs = [("default", (), None, None, None)]
+    # Planners that cut fewer requests (the eleventh session's lead: one CTA per request took 30 % less on
+    # uniform batches of about a share per request): whole requests per CTA while no CTA gets more than 1.25
+    # or 2 shares (-DEB_DECODE_ALIGN), a snap window just under half a share, and both.
+    configs += [(name, KNOBS[name], None, None, None) for name in ("align 1.25", "align 2", "snap/2", "align 2 snap/2")]
     configs += [(f"overhead {o}", (), None, o, None) for o in (0, 8, 128)]
     configs += [("1 CTA/SM", (), 1, None, None)]
     # Grids that line CTAs up with requests: one per request, or one per two (no request is cut when

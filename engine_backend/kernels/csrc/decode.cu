@@ -526,6 +526,28 @@ EB_DEVICE void record_first_segment(const DecodePlan& plan, int c, int b, int ro
   out[0] = -1;
 }
 
+#ifdef EB_DECODE_ALIGN
+// Experiment builds (-DEB_DECODE_ALIGN=Q): whole requests per CTA, k consecutive ones each (the fewest k that
+// fits the grid), when no such group costs more than Q quarters of a stream-K share; returns k, or 0 for
+// stream-K. Why: on batches of requests about a share long, one CTA per request took 30 % less than the
+// stream-K split, which cuts nearly every request in two (scripts/decode_experiment.py --parts short).
+EB_DEVICE int aligned_group(const DecodePlan& plan, int rows, int used, int total) {
+  __shared__ int worst;
+  if (threadIdx.x == 0) worst = 0;
+  __syncthreads();
+  const int k = used > 0 ? (rows + used - 1) / used : 1;
+  const int groups = (rows + k - 1) / k;
+  int local = 0;
+  for (int g = threadIdx.x; g < groups; g += kPlanThreads) {
+    const int end = min((g + 1) * k, rows);  // cost_start[rows] is written later: use the total
+    local = max(local, (end == rows ? total : plan.cost_start[end]) - plan.cost_start[g * k]);
+  }
+  atomicMax(&worst, local);
+  __syncthreads();
+  return used > 0 && 4L * worst * used <= long(EB_DECODE_ALIGN) * total ? k : 0;
+}
+#endif
+
 __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t* __restrict__ indptr,
                                                                   const int32_t* __restrict__ kv_lens, int rows,
                                                                   DecodePlan plan, int ctas, int overhead,
@@ -554,7 +576,12 @@ __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t
     __syncthreads();
   }
   const int total = carry;
+#ifdef EB_DECODE_ALIGN
+  const int align_k = aligned_group(plan, rows, rows == 0 ? 0 : min(ctas, total), total);
+  const int used = align_k > 0 ? (rows + align_k - 1) / align_k : rows == 0 ? 0 : min(ctas, total);
+#else
   const int used = rows == 0 ? 0 : min(ctas, total);
+#endif
   if (tid == 0) {
     plan.cost_start[rows] = total;
     plan.header[0] = rows;
@@ -566,9 +593,17 @@ __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t
   //    share (boundaries stay strictly increasing: shares are at least 4 apart when it moves;
   //    experiment builds may narrow the window, EB_DECODE_SNAP_DIV).
   const long share = used > 0 ? long(total) / used : 0;
+#ifdef EB_DECODE_SNAP_HALF  // experiment builds: the widest window that keeps the boundaries strictly increasing
+  const long snap = share > 0 ? (share - 1) / 2 : 0;
+#else
   const long snap = share / EB_DECODE_SNAP_DIV;
+#endif
   for (int c = tid; used > 0 && c <= used; c += kPlanThreads) {
     long x = long(c) * total / used;  // used > 0 here: the loop is empty otherwise
+#ifdef EB_DECODE_ALIGN
+    if (align_k > 0) x = c * align_k >= rows ? total : plan.cost_start[c * align_k];
+    else
+#endif
     if (c > 0 && c < used && snap > 0) {
       int lo = 0, hi = rows;  // first b with cost_start[b] >= x
       while (lo < hi) {
