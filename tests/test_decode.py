@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 
-from engine_backend import reference
+from engine_backend import decode, reference
 from engine_backend.decode import BatchDecode
+from engine_backend.kernels import jit
 from engine_backend.variants import Variant
 
 from paged_inputs import TOL, decode_batch, poisoned_like, rel_err
@@ -188,3 +189,47 @@ def test_decode_reads_a_fused_qkv_slice_in_place():
     out = dec.run(strided, k, v, out=poisoned_like(q))
     ref, _ = reference.attention(q, k, v, bsr)
     assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+# Experiment-only planners in decode.cu (scripts/decode_experiment.py times them): checked here so that one can
+# become the default on evidence, not on trust.
+PLANNER_EXPERIMENTS = {"align-1.25": ("-DEB_DECODE_ALIGN=5",), "align-2": ("-DEB_DECODE_ALIGN=8",),
+                       "snap-half": ("-DEB_DECODE_SNAP_HALF",)}
+
+
+def experiment_build(monkeypatch, flags):
+    """BatchDecode objects made while this is in force load the decode kernels built with ``flags``."""
+    shipped = decode.kernel_spec
+
+    def spec(dtype, dim, variant):
+        base = shipped(dtype, dim, variant)
+        return jit.KernelSpec.make(base.name, base.sources, dict(base.params), cuda_flags=flags)
+
+    monkeypatch.setattr(decode, "kernel_spec", spec)
+
+
+@pytest.mark.parametrize("lens", [[256] * 32, [128] * 40, [300, 0, 5, 0] * 12, [32768] + [512] * 127, "ragged"],
+                         ids=["32x256", "40x128", "empty-rows", "skewed", "ragged"])
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("flags", PLANNER_EXPERIMENTS.values(), ids=PLANNER_EXPERIMENTS.keys())
+def test_decode_planner_experiments_match_the_reference(monkeypatch, flags, page_size, lens):
+    experiment_build(monkeypatch, flags)
+    if lens == "ragged":
+        lens = random_lens(random.Random(7), 40, 600)
+    run_case(lens, page_size, 32, 8, 128, torch.bfloat16)
+
+
+def test_aligned_planner_gives_each_request_to_one_cta(monkeypatch):
+    """A uniform batch of one request fewer than the grid's CTAs, each request a little over a share: the
+    shipped stream-K plan cuts requests (partial-state slots > 0), the aligned one gives each its own CTA."""
+    def plan_header(dec):
+        q, k, v, bsr = decode_batch([256] * rows, 1, 32, 8, 128, torch.bfloat16)
+        dec.plan(bsr)
+        return dec._plan[:4].tolist()  # rows, total cost, CTAs used, partial-state slots
+
+    shipped = BatchDecode(32, 8, 128, 1, max_batch_size=256)
+    rows = shipped.ctas - 1
+    assert rows > decode.SMALL_BATCH  # the two-CTAs-per-SM grid, whose CTA count the plan sees
+    assert plan_header(shipped)[3] > 0
+    experiment_build(monkeypatch, PLANNER_EXPERIMENTS["align-1.25"])
+    assert plan_header(BatchDecode(32, 8, 128, 1, max_batch_size=256))[2:] == [rows, 0]
