@@ -37,9 +37,10 @@ KNOBS = {"w4s3": (), "w8s3": ("-DEB_DECODE_WARPS=8",), "w4s4": ("-DEB_DECODE_STA
          "w4s2": ("-DEB_DECODE_STAGES=2",), "timeline": (f"-DEB_DECODE_TIMELINE={TIMELINE_OFFSET}",),
          "w2s3": ("-DEB_DECODE_WARPS=2",), "w2s2": ("-DEB_DECODE_WARPS=2", "-DEB_DECODE_STAGES=2"),
          "pdl": ("-DEB_DECODE_PDL",), "snap/8": ("-DEB_DECODE_SNAP_DIV=8",), "snap/16": ("-DEB_DECODE_SNAP_DIV=16",),
-         "seek": ("-DEB_DECODE_SEEK_FIRST",), "snap/2": ("-DEB_DECODE_SNAP_HALF",),
-         "align 1.25": ("-DEB_DECODE_ALIGN=5",), "align 2": ("-DEB_DECODE_ALIGN=8",),
-         "align 2 snap/2": ("-DEB_DECODE_ALIGN=8", "-DEB_DECODE_SNAP_HALF"),
+         "seek": ("-DEB_DECODE_SEEK_FIRST",),
+         "stream-K": ("-DEB_DECODE_ALIGN=0", "-DEB_DECODE_SLACK_TOKENS=0"),  # the eleventh session's planner
+         "slack 0": ("-DEB_DECODE_SLACK_TOKENS=0",), "slack 128": ("-DEB_DECODE_SLACK_TOKENS=128",),
+         "slack 512": ("-DEB_DECODE_SLACK_TOKENS=512",),
          "timeline seek": (f"-DEB_DECODE_TIMELINE={TIMELINE_OFFSET}", "-DEB_DECODE_SEEK_FIRST")}
 
 
@@ -164,7 +165,10 @@ def knobs(results: dict) -> None:
 
 SHORT_SHAPES = [("16x256", [256] * 16), ("32x128", [128] * 32), ("32x256", [256] * 32), ("40x256", [256] * 40),
                 ("48x192", [192] * 48), ("32 ragged 16-600", ragged_lens(32, 16, 600)),
-                ("40 ragged 16-600", ragged_lens(40, 16, 600, seed=1))]
+                ("40 ragged 16-600", ragged_lens(40, 16, 600, seed=1)),
+                # Where a generous planner could lose: long requests (the CTAs stream at the bandwidth limit)
+                # and a wide ragged batch.
+                ("40x2048", [2048] * 40), ("64 ragged 16-1200", ragged_lens(64, 16, 1200, seed=2))]
 
 
 def short_case(dec, name, case, q, k, v, table, seq, grid, page) -> dict:
@@ -192,10 +196,9 @@ def short(results: dict) -> None:
     # (name, build flags, CTAs per SM, request overhead, grid per head tile as a function of the batch
     # and the buffers' CTA count). None: as shipped (BatchDecode's small-batch grid switch included).
     configs = [("default", (), None, None, None)]
-    # Planners that cut fewer requests (the eleventh session's lead: one CTA per request took 30 % less on
-    # uniform batches of about a share per request): whole requests per CTA while no CTA gets more than 1.25
-    # or 2 shares (-DEB_DECODE_ALIGN), a snap window just under half a share, and both.
-    configs += [(name, KNOBS[name], None, None, None) for name in ("align 1.25", "align 2", "snap/2", "align 2 snap/2")]
+    # The planner before the twelfth session (stream-K split, quarter-share snap) and the slack a CTA may take
+    # beyond its share on short batches (the default is 256 tokens; 0 leaves only the quarter share).
+    configs += [(name, KNOBS[name], None, None, None) for name in ("stream-K", "slack 0", "slack 128", "slack 512")]
     configs += [(f"overhead {o}", (), None, o, None) for o in (0, 8, 128)]
     configs += [("1 CTA/SM", (), 1, None, None)]
     # Grids that line CTAs up with requests: one per request, or one per two (no request is cut when

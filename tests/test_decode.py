@@ -191,10 +191,10 @@ def test_decode_reads_a_fused_qkv_slice_in_place():
     assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
-# Experiment-only planners in decode.cu (scripts/decode_experiment.py times them): checked here so that one can
-# become the default on evidence, not on trust.
-PLANNER_EXPERIMENTS = {"align-1.25": ("-DEB_DECODE_ALIGN=5",), "align-2": ("-DEB_DECODE_ALIGN=8",),
-                       "snap-half": ("-DEB_DECODE_SNAP_HALF",)}
+# Planner builds scripts/decode_experiment.py times against the default (decode.cu's EB_DECODE_ALIGN and
+# EB_DECODE_SLACK_TOKENS): checked here so that each comparison is between correct kernels.
+PLANNER_EXPERIMENTS = {"stream-K": ("-DEB_DECODE_ALIGN=0", "-DEB_DECODE_SLACK_TOKENS=0"),
+                       "slack-0": ("-DEB_DECODE_SLACK_TOKENS=0",), "slack-512": ("-DEB_DECODE_SLACK_TOKENS=512",)}
 
 
 def experiment_build(monkeypatch, flags):
@@ -221,7 +221,7 @@ def test_decode_planner_experiments_match_the_reference(monkeypatch, flags, page
 
 def test_aligned_planner_gives_each_request_to_one_cta(monkeypatch):
     """A uniform batch of one request fewer than the grid's CTAs, each request a little over a share: the
-    shipped stream-K plan cuts requests (partial-state slots > 0), the aligned one gives each its own CTA."""
+    default plan gives each request its own CTA (no partial states), the stream-K split cuts requests."""
     def plan_header(dec):
         q, k, v, bsr = decode_batch([256] * rows, 1, 32, 8, 128, torch.bfloat16)
         dec.plan(bsr)
@@ -230,6 +230,21 @@ def test_aligned_planner_gives_each_request_to_one_cta(monkeypatch):
     shipped = BatchDecode(32, 8, 128, 1, max_batch_size=256)
     rows = shipped.ctas - 1
     assert rows > decode.SMALL_BATCH  # the two-CTAs-per-SM grid, whose CTA count the plan sees
-    assert plan_header(shipped)[3] > 0
-    experiment_build(monkeypatch, PLANNER_EXPERIMENTS["align-1.25"])
-    assert plan_header(BatchDecode(32, 8, 128, 1, max_batch_size=256))[2:] == [rows, 0]
+    assert plan_header(shipped)[2:] == [rows, 0]
+    experiment_build(monkeypatch, PLANNER_EXPERIMENTS["stream-K"])
+    header = plan_header(BatchDecode(32, 8, 128, 1, max_batch_size=256))
+    assert header[2] == shipped.ctas and header[3] > 0
+
+
+def test_long_requests_keep_the_stream_k_split():
+    """Aligned groups only where the extra tokens are cheap: 40 requests of 2048 tokens on 33 CTAs would give
+    some CTAs two requests (1.6 shares) where every CTA streams at the bandwidth limit, so the plan cuts."""
+    dec = BatchDecode(32, 8, 128, 1, max_batch_size=256)
+    rows = dec.ctas + dec.ctas // 5
+    q, k, v, bsr = decode_batch([2048] * rows, 1, 32, 8, 128, torch.bfloat16)
+    dec.plan(bsr)
+    header = dec._plan[:4].tolist()
+    assert header[2] == dec.ctas and header[3] > 0
+    out = dec.run(q, k, v)
+    ref, _ = reference.attention(q, k, v, bsr)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]

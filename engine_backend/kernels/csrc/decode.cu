@@ -31,6 +31,12 @@ constexpr int D = ${HEAD_DIM};
 #ifndef EB_DECODE_SNAP_DIV  // planning: boundaries move onto a request boundary within share / this (>= 4)
 #define EB_DECODE_SNAP_DIV 4
 #endif
+#ifndef EB_DECODE_SLACK_TOKENS  // planning: tokens a CTA may take beyond its share on short batches (below)
+#define EB_DECODE_SLACK_TOKENS 256
+#endif
+#ifndef EB_DECODE_ALIGN  // planning: 0 = stream-K split only (the tenth session's planner), 1 = aligned groups first
+#define EB_DECODE_ALIGN 1
+#endif
 constexpr int kWarps = EB_DECODE_WARPS;
 constexpr int kThreads = kWarps * 32;
 constexpr int kSub = 16;                // tokens per warp sub-tile (the MMA's k for P.V)
@@ -526,12 +532,20 @@ EB_DEVICE void record_first_segment(const DecodePlan& plan, int c, int b, int ro
   out[0] = -1;
 }
 
-#ifdef EB_DECODE_ALIGN
-// Experiment builds (-DEB_DECODE_ALIGN=Q): whole requests per CTA, k consecutive ones each (the fewest k that
-// fits the grid), when no such group costs more than Q quarters of a stream-K share; returns k, or 0 for
-// stream-K. Why: on batches of requests about a share long, one CTA per request took 30 % less than the
-// stream-K split, which cuts nearly every request in two (scripts/decode_experiment.py --parts short).
-EB_DEVICE int aligned_group(const DecodePlan& plan, int rows, int used, int total) {
+// How far past its share a CTA's range may reach to avoid cutting a request: a quarter share, or on short
+// batches up to EB_DECODE_SLACK_TOKENS more (never a whole share). Why: a CTA of a few hundred tokens spends
+// most of its time on fixed latencies (plan and page-id reads, first K/V arrival; decode_experiment.py's
+// timeline), so extra tokens cost little there while a cut request costs a second segment and a merge.
+// Long shares keep the quarter: their CTAs stream at the bandwidth limit, where the makespan is the share.
+EB_DEVICE long share_slack(long share) {
+  return max(share / EB_DECODE_SNAP_DIV, min(long(EB_DECODE_SLACK_TOKENS), share));
+}
+
+// Whole requests per CTA: k consecutive ones each (the fewest k that fits the grid), when no such group costs
+// more than a share plus its slack; returns k, or 0 for the stream-K split. Measured on an H200 at page size 1
+// (RESULTS.md, decode): 32 x 256 tokens 18.1 us instead of 25.1, 40 x 256 24.1 instead of 26.1, because
+// stream-K cuts nearly every request of a batch whose requests are about a share long.
+EB_DEVICE int aligned_group(const DecodePlan& plan, int rows, int used, int total, int overhead) {
   __shared__ int worst;
   if (threadIdx.x == 0) worst = 0;
   __syncthreads();
@@ -544,9 +558,10 @@ EB_DEVICE int aligned_group(const DecodePlan& plan, int rows, int used, int tota
   }
   atomicMax(&worst, local);
   __syncthreads();
-  return used > 0 && 4L * worst * used <= long(EB_DECODE_ALIGN) * total ? k : 0;
+  const long share = used > 0 ? long(total) / used : 0;
+  // Groups are never empty (so neither are the CTAs' ranges) while every request costs at least the overhead.
+  return EB_DECODE_ALIGN && overhead > 0 && used > 0 && worst <= share + share_slack(share) ? k : 0;
 }
-#endif
 
 __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t* __restrict__ indptr,
                                                                   const int32_t* __restrict__ kv_lens, int rows,
@@ -576,12 +591,8 @@ __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t
     __syncthreads();
   }
   const int total = carry;
-#ifdef EB_DECODE_ALIGN
-  const int align_k = aligned_group(plan, rows, rows == 0 ? 0 : min(ctas, total), total);
+  const int align_k = aligned_group(plan, rows, rows == 0 ? 0 : min(ctas, total), total, overhead);
   const int used = align_k > 0 ? (rows + align_k - 1) / align_k : rows == 0 ? 0 : min(ctas, total);
-#else
-  const int used = rows == 0 ? 0 : min(ctas, total);
-#endif
   if (tid == 0) {
     plan.cost_start[rows] = total;
     plan.header[0] = rows;
@@ -589,22 +600,16 @@ __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t
     plan.header[2] = used;
   }
   __syncthreads();
-  // 2. CTA boundaries: equal shares of T, each moved onto a request boundary within a quarter
-  //    share (boundaries stay strictly increasing: shares are at least 4 apart when it moves;
-  //    experiment builds may narrow the window, EB_DECODE_SNAP_DIV).
+  // 2. CTA boundaries: after aligned groups of requests, or equal shares of T, each moved onto a
+  //    request boundary within the share's slack, capped just under half a share so that the
+  //    boundaries stay strictly increasing (a boundary moves by less than half the gap to either
+  //    neighbour's equal-share position).
   const long share = used > 0 ? long(total) / used : 0;
-#ifdef EB_DECODE_SNAP_HALF  // experiment builds: the widest window that keeps the boundaries strictly increasing
-  const long snap = share > 0 ? (share - 1) / 2 : 0;
-#else
-  const long snap = share / EB_DECODE_SNAP_DIV;
-#endif
+  const long snap = min(share_slack(share), share > 0 ? (share - 1) / 2 : 0);
   for (int c = tid; used > 0 && c <= used; c += kPlanThreads) {
     long x = long(c) * total / used;  // used > 0 here: the loop is empty otherwise
-#ifdef EB_DECODE_ALIGN
     if (align_k > 0) x = c * align_k >= rows ? total : plan.cost_start[c * align_k];
-    else
-#endif
-    if (c > 0 && c < used && snap > 0) {
+    else if (c > 0 && c < used && snap > 0) {
       int lo = 0, hi = rows;  // first b with cost_start[b] >= x
       while (lo < hi) {
         const int mid = (lo + hi) / 2;
