@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from engine_backend import decode, reference
+from engine_backend import BSR, decode, reference
 from engine_backend.decode import BatchDecode
 from engine_backend.kernels import jit
 from engine_backend.variants import Variant
@@ -106,8 +106,6 @@ def test_decode_cuda_graph_replay_serves_smaller_batches(max_b):
     q = torch.randn(max_b, hq, dim, dtype=torch.bfloat16, device="cuda")
     out = torch.empty_like(q)
     dec = BatchDecode(hq, hkv, dim, page, max_batch_size=max_b)
-
-    from engine_backend.format import BSR
 
     def fill(lens):
         table.copy_(torch.randint(0, pool_pages, table.shape, dtype=torch.int32))
@@ -237,8 +235,8 @@ def test_aligned_planner_gives_each_request_to_one_cta(monkeypatch):
 
 
 def test_long_requests_keep_the_stream_k_split():
-    """Aligned groups only where the extra tokens are cheap: 40 requests of 2048 tokens on 33 CTAs would give
-    some CTAs two requests (1.6 shares) where every CTA streams at the bandwidth limit, so the plan cuts."""
+    """Aligned groups only where the extra tokens are cheap: 39 requests of 2048 tokens on 33 CTAs would give
+    some CTAs two requests (1.7 shares) where every CTA streams at the bandwidth limit, so the plan cuts."""
     dec = BatchDecode(32, 8, 128, 1, max_batch_size=256)
     rows = dec.ctas + dec.ctas // 5
     q, k, v, bsr = decode_batch([2048] * rows, 1, 32, 8, 128, torch.bfloat16)
@@ -248,3 +246,17 @@ def test_long_requests_keep_the_stream_k_split():
     out = dec.run(q, k, v)
     ref, _ = reference.attention(q, k, v, bsr)
     assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("length, aligned", [(1024, True), (4096, False)])
+def test_aligned_groups_may_exceed_a_share_by_the_slack_tokens_only(length, aligned):
+    """Groups of 4 requests on all but one CTA: 4 * (1024 + 32) tokens is 128 over a share (aligned), 4 * 4128
+    is 501 over (the slack is 256 tokens; the split keeps every CTA busy). The plan reads only the lengths."""
+    page = 16
+    dec = BatchDecode(32, 8, 128, page, max_batch_size=256)
+    rows = 4 * (dec.ctas - 1)
+    seq = torch.full((rows,), length, dtype=torch.int32, device="cuda")
+    table = torch.zeros(rows, length // page, dtype=torch.int32, device="cuda")
+    dec.plan(BSR.from_block_table(table, seq, page))
+    used, slots = dec._plan[2:4].tolist()
+    assert (used, slots == 0) == ((dec.ctas - 1, True) if aligned else (dec.ctas, False))

@@ -532,19 +532,19 @@ EB_DEVICE void record_first_segment(const DecodePlan& plan, int c, int b, int ro
   out[0] = -1;
 }
 
-// How far past its share a CTA's range may reach to avoid cutting a request: a quarter share, or on short
-// batches up to EB_DECODE_SLACK_TOKENS more (never a whole share). Why: a CTA of a few hundred tokens spends
-// most of its time on fixed latencies (plan and page-id reads, first K/V arrival; decode_experiment.py's
-// timeline), so extra tokens cost little there while a cut request costs a second segment and a merge.
-// Long shares keep the quarter: their CTAs stream at the bandwidth limit, where the makespan is the share.
+// How far a CTA boundary may move onto a request boundary (rather than cut the request): a quarter share, or on
+// short batches up to EB_DECODE_SLACK_TOKENS (never a whole share). Why: a cut request costs its second CTA
+// a segment (page-id reads, first K/V arrival) and a merge, about the time of a few hundred tokens of streaming
+// (decode_experiment.py: 32 x 256 took 25 us cut, 18 us uncut), so moving a boundary by fewer tokens is cheaper.
 EB_DEVICE long share_slack(long share) {
   return max(share / EB_DECODE_SNAP_DIV, min(long(EB_DECODE_SLACK_TOKENS), share));
 }
 
 // Whole requests per CTA: k consecutive ones each (the fewest k that fits the grid), when no such group costs
-// more than a share plus its slack; returns k, or 0 for the stream-K split. Measured on an H200 at page size 1
-// (RESULTS.md, decode): 32 x 256 tokens 18.1 us instead of 25.1, 40 x 256 24.1 instead of 26.1, because
-// stream-K cuts nearly every request of a batch whose requests are about a share long.
+// more than EB_DECODE_SLACK_TOKENS beyond a share; returns k, or 0 for the stream-K split. Measured on an H200
+// at page size 1 (RESULTS.md, decode): 32 x 256 tokens 18.1 us instead of 25.1 and 40 x 256 24.1 instead of
+// 26.1, because stream-K cuts nearly every request of a batch whose requests are about a share long. Tokens,
+// not a fraction of the share: 128 x 4096 in groups of 4 (32 CTAs of 33, 3 % over a share) was 1.3 % slower.
 EB_DEVICE int aligned_group(const DecodePlan& plan, int rows, int used, int total, int overhead) {
   __shared__ int worst;
   if (threadIdx.x == 0) worst = 0;
@@ -560,7 +560,7 @@ EB_DEVICE int aligned_group(const DecodePlan& plan, int rows, int used, int tota
   __syncthreads();
   const long share = used > 0 ? long(total) / used : 0;
   // Groups are never empty (so neither are the CTAs' ranges) while every request costs at least the overhead.
-  return EB_DECODE_ALIGN && overhead > 0 && used > 0 && worst <= share + share_slack(share) ? k : 0;
+  return EB_DECODE_ALIGN && overhead > 0 && used > 0 && worst - share <= EB_DECODE_SLACK_TOKENS ? k : 0;
 }
 
 __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t* __restrict__ indptr,
