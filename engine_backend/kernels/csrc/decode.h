@@ -14,9 +14,12 @@ namespace eb {
 // read; a sliding window trims the rest). Requests are laid end to end in cost space, overhead
 // first, and CTA c of every head tile takes the range [cta_start[c], cta_start[c+1]), about
 // T/G each: long and short requests alike are cut so that every CTA streams the same amount of
-// KV. A boundary that falls within a quarter share of a request boundary moves onto it, so a
-// uniform batch is cut into equal pieces instead of leaving slivers of the next request. A
-// request cut into several pieces has their partial states merged by the CTA that finishes last.
+// KV. A boundary that falls within a quarter share (on short shares, up to 256 tokens and under
+// half a share) of a request boundary moves onto it, so a uniform batch is cut into equal pieces
+// instead of leaving slivers of the next request. When k consecutive whole requests per CTA fit
+// the grid with no group more than 256 tokens over a share, the CTAs take those groups instead
+// and no request is cut (decode.cu, aligned_group). A request cut into several pieces has their
+// partial states merged by the CTA that finishes last.
 struct DecodePlan {
   int32_t* header;      // [4] rows, total cost T, CTAs used G, total pieces
   int32_t* cost_start;  // [max_rows + 1] start of request b in cost space
