@@ -41,6 +41,7 @@ KNOBS = {"w4s3": (), "w8s3": ("-DEB_DECODE_WARPS=8",), "w4s4": ("-DEB_DECODE_STA
          "stream-K": ("-DEB_DECODE_ALIGN=0", "-DEB_DECODE_SLACK_TOKENS=0"),  # the eleventh session's planner
          "slack 0": ("-DEB_DECODE_SLACK_TOKENS=0",), "slack 128": ("-DEB_DECODE_SLACK_TOKENS=128",),
          "slack 512": ("-DEB_DECODE_SLACK_TOKENS=512",),
+         "pack": ("-DEB_DECODE_PACK=128",),  # greedy whole-request ranges for batches of up to 128 requests
          "timeline seek": (f"-DEB_DECODE_TIMELINE={TIMELINE_OFFSET}", "-DEB_DECODE_SEEK_FIRST")}
 
 
@@ -198,7 +199,7 @@ def short(results: dict) -> None:
     configs = [("default", (), None, None, None)]
     # The planner before the twelfth session (stream-K split, quarter-share snap) and the slack a CTA may take
     # beyond its share on short batches (the default is 256 tokens; 0 leaves only the quarter share).
-    configs += [(name, KNOBS[name], None, None, None) for name in ("stream-K", "slack 0", "slack 128", "slack 512")]
+    configs += [(name, KNOBS[name], None, None, None) for name in ("pack", "stream-K", "slack 0", "slack 128", "slack 512")]
     configs += [(f"overhead {o}", (), None, o, None) for o in (0, 8, 128)]
     configs += [("1 CTA/SM", (), 1, None, None)]
     # Grids that line CTAs up with requests: one per request, or one per two (no request is cut when

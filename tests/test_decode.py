@@ -192,7 +192,8 @@ def test_decode_reads_a_fused_qkv_slice_in_place():
 # Planner builds scripts/decode_experiment.py times against the default (decode.cu's EB_DECODE_ALIGN and
 # EB_DECODE_SLACK_TOKENS): checked here so that each comparison is between correct kernels.
 PLANNER_EXPERIMENTS = {"stream-K": ("-DEB_DECODE_ALIGN=0", "-DEB_DECODE_SLACK_TOKENS=0"),
-                       "slack-0": ("-DEB_DECODE_SLACK_TOKENS=0",), "slack-512": ("-DEB_DECODE_SLACK_TOKENS=512",)}
+                       "slack-0": ("-DEB_DECODE_SLACK_TOKENS=0",), "slack-512": ("-DEB_DECODE_SLACK_TOKENS=512",),
+                       "pack": ("-DEB_DECODE_PACK=128",)}
 
 
 def experiment_build(monkeypatch, flags):

@@ -563,12 +563,48 @@ EB_DEVICE int aligned_group(const DecodePlan& plan, int rows, int used, int tota
   return EB_DECODE_ALIGN && overhead > 0 && used > 0 && worst - share <= EB_DECODE_SLACK_TOKENS ? k : 0;
 }
 
+#ifdef EB_DECODE_PACK
+// Experiment builds (-DEB_DECODE_PACK=R: batches of up to R requests; scripts/decode_experiment.py, knob `pack`):
+// one thread walks the requests in order and closes a CTA's range at the last request boundary that keeps it
+// within a share plus EB_DECODE_SLACK_TOKENS (a request longer than that alone is cut in pieces of that size).
+// Writes cta_start[0..n] and returns the n ranges, or 0 when more than `limit` would be needed. Why: ragged
+// batches of 33-40 short requests (SGLang serving) rarely fit the aligned groups, and stream-K cuts most of
+// their requests; this keeps nearly all of them whole with every CTA at most 256 tokens over a share.
+// cost: the requests' cost starts in shared memory, cost[rows] = total.
+EB_DEVICE int pack_requests(const DecodePlan& plan, const int* cost, int rows, int total, int limit) {
+  const long cap = long(total) / limit + EB_DECODE_SLACK_TOKENS;
+  int n = 0;
+  long s = 0;
+  plan.cta_start[0] = 0;
+  for (int b = 0; b < rows; ++b) {
+    const long end = cost[b + 1];
+    if (end - s <= cap) continue;
+    if (cost[b] > s) {  // close the range before request b
+      if (++n >= limit) return 0;
+      s = cost[b];
+      plan.cta_start[n] = int(s);
+    }
+    while (end - s > cap) {  // request b is still too long for one range: cut it
+      if (++n >= limit) return 0;
+      s += cap;
+      plan.cta_start[n] = int(s);
+    }
+  }
+  plan.cta_start[n + 1] = total;
+  return n + 1;
+}
+#endif
+
 __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t* __restrict__ indptr,
                                                                   const int32_t* __restrict__ kv_lens, int rows,
                                                                   DecodePlan plan, int ctas, int overhead,
                                                                   int window_left, int semaphores) {
   __shared__ typename PlanScan::TempStorage scan;
   __shared__ int carry;
+#ifdef EB_DECODE_PACK
+  __shared__ int pack_cost[EB_DECODE_PACK + 1];
+  __shared__ int packed;
+#endif
   const int tid = threadIdx.x;
   if (tid == 0) carry = 0;
   __syncthreads();
@@ -586,13 +622,29 @@ __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t
     int x, total;
     PlanScan(scan).ExclusiveSum(b < rows ? len - begin + overhead : 0, x, total);
     if (b < rows) plan.cost_start[b] = carry + x;
+#ifdef EB_DECODE_PACK
+    if (b < rows && b < EB_DECODE_PACK) pack_cost[b] = carry + x;
+#endif
     __syncthreads();
     if (tid == 0) carry += total;
     __syncthreads();
   }
   const int total = carry;
   const int align_k = aligned_group(plan, rows, rows == 0 ? 0 : min(ctas, total), total, overhead);
+#ifdef EB_DECODE_PACK
+  if (tid == 0) {
+    packed = 0;
+    if (align_k == 0 && rows > 0 && rows <= EB_DECODE_PACK) {
+      pack_cost[rows] = total;
+      packed = pack_requests(plan, pack_cost, rows, total, min(ctas, total));
+    }
+  }
+  __syncthreads();
+  const int used = packed > 0 ? packed
+                 : align_k > 0 ? (rows + align_k - 1) / align_k : rows == 0 ? 0 : min(ctas, total);
+#else
   const int used = align_k > 0 ? (rows + align_k - 1) / align_k : rows == 0 ? 0 : min(ctas, total);
+#endif
   if (tid == 0) {
     plan.cost_start[rows] = total;
     plan.header[0] = rows;
@@ -606,7 +658,11 @@ __global__ void __launch_bounds__(kPlanThreads) decode_plan_kernel(const int32_t
   //    neighbour's equal-share position).
   const long share = used > 0 ? long(total) / used : 0;
   const long snap = min(share_slack(share), share > 0 ? (share - 1) / 2 : 0);
+#ifdef EB_DECODE_PACK
+  for (int c = tid; packed == 0 && used > 0 && c <= used; c += kPlanThreads) {
+#else
   for (int c = tid; used > 0 && c <= used; c += kPlanThreads) {
+#endif
     long x = long(c) * total / used;  // used > 0 here: the loop is empty otherwise
     if (align_k > 0) x = c * align_k >= rows ? total : plan.cost_start[c * align_k];
     else if (c > 0 && c < used && snap > 0) {
