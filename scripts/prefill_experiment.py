@@ -5,8 +5,9 @@
 
 Each configuration is the same kernel source built with other compile-time choices
 (EB_PREFILL_MMA_M: 16-row MMA tiles per warp; EB_PREFILL_SKIP_MASKED_KEYS: skip a warp's wholly
-masked key chunks on diagonal tiles) and tile shapes (warps per CTA, KV tokens per tile), timed on
-bench_prefill's shapes; its output is compared with the first configuration's.
+masked key chunks on diagonal tiles; EB_PREFILL_LPT: the batch's tiles longest first across
+requests) and tile shapes (warps per CTA, KV tokens per tile), timed on bench_prefill's shapes;
+its output is compared with the first configuration's.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ CONFIGS = {
     "4w-kv64": (prefill.TileShape(4, 64), ()),
     "long": (LONG, ()),
     "long-no-skip": (LONG, ("-DEB_PREFILL_SKIP_MASKED_KEYS=0",)),
+    # Tiles longest first across the whole batch, not only within each request (EB_PREFILL_LPT; not yet GPU-run).
+    "short-lpt": (SHORT, ("-DEB_PREFILL_LPT",)),
+    "long-lpt": (LONG, ("-DEB_PREFILL_LPT",)),
     "short-again": (SHORT, ()),  # run-to-run noise: the same build timed again
 }
 _default_spec = prefill.kernel_spec

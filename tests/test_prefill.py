@@ -186,3 +186,23 @@ def test_prefill_reads_a_fused_qkv_slice_in_place():
         pre.plan(bsr, num_tokens=num_tokens)
         out = pre.run(strided, k, v, out=poisoned_like(q))
         assert rel_err(out, ref) < TOL[torch.bfloat16], pre.tile
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefill_longest_first_experiment_matches_the_reference(monkeypatch, causal):
+    """The experiment-only plan order (-DEB_PREFILL_LPT, scripts/prefill_experiment.py) on ragged prefill and
+    append rows, both tile shapes: the order must not change what each tile computes."""
+    from engine_backend import prefill
+    from engine_backend.kernels import jit
+
+    shipped = prefill.kernel_spec
+
+    def spec(dtype, dim, variant, tile=None):
+        base = shipped(dtype, dim, variant, tile)
+        return jit.KernelSpec.make(base.name, base.sources, dict(base.params), cuda_flags=("-DEB_PREFILL_LPT",))
+
+    monkeypatch.setattr(prefill, "kernel_spec", spec)
+    q_lens, kv_lens = ragged_lens(random.Random(11), 12, 700)
+    q, k, v, bsr = paged_batch(q_lens, kv_lens, 16, 32, 8, 128, torch.bfloat16)
+    check(BatchPrefill(32, 8, 128, 16, causal=causal, max_batch_size=16, max_num_tokens=sum(q_lens)), q, k, v, bsr,
+          causal)
