@@ -197,8 +197,8 @@ def short(results: dict) -> None:
     # (name, build flags, CTAs per SM, request overhead, grid per head tile as a function of the batch
     # and the buffers' CTA count). None: as shipped (BatchDecode's small-batch grid switch included).
     configs = [("default", (), None, None, None)]
-    # The planner before the twelfth session (stream-K split, quarter-share snap) and the slack a CTA may take
-    # beyond its share on short batches (the default is 256 tokens; 0 leaves only the quarter share).
+    # Greedy whole-request ranges (experiment-only), the planner before the twelfth session (stream-K split,
+    # quarter-share snap) and the slack a CTA may take beyond its share (default 256 tokens; 0: a quarter share).
     configs += [(name, KNOBS[name], None, None, None) for name in ("pack", "stream-K", "slack 0", "slack 128", "slack 512")]
     configs += [(f"overhead {o}", (), None, o, None) for o in (0, 8, 128)]
     configs += [("1 CTA/SM", (), 1, None, None)]

@@ -34,7 +34,7 @@ constexpr int D = ${HEAD_DIM};
 #ifndef EB_DECODE_SLACK_TOKENS  // planning: tokens a CTA may take beyond its share on short batches (below)
 #define EB_DECODE_SLACK_TOKENS 256
 #endif
-#ifndef EB_DECODE_ALIGN  // planning: 0 = stream-K split only (the tenth session's planner), 1 = aligned groups first
+#ifndef EB_DECODE_ALIGN  // planning: 1 = aligned groups first, 0 = never (with SLACK_TOKENS=0: the older planner)
 #define EB_DECODE_ALIGN 1
 #endif
 constexpr int kWarps = EB_DECODE_WARPS;
