@@ -5,9 +5,9 @@
 
 Each configuration is the same kernel source built with other compile-time choices
 (EB_PREFILL_MMA_M: 16-row MMA tiles per warp; EB_PREFILL_SKIP_MASKED_KEYS: skip a warp's wholly
-masked key chunks on diagonal tiles; EB_PREFILL_LPT: the batch's tiles longest first across
-requests) and tile shapes (warps per CTA, KV tokens per tile), timed on bench_prefill's shapes;
-its output is compared with the first configuration's.
+masked key chunks on diagonal tiles; EB_PREFILL_STAGES: K/V tiles in shared memory) and tile shapes
+(warps per CTA, KV tokens per tile), timed on bench_prefill's shapes; its output is compared with the
+first configuration's.
 """
 
 from __future__ import annotations
@@ -35,9 +35,7 @@ CONFIGS = {
     "4w-kv64": (prefill.TileShape(4, 64), ()),
     "long": (LONG, ()),
     "long-no-skip": (LONG, ("-DEB_PREFILL_SKIP_MASKED_KEYS=0",)),
-    # Tiles longest first across the whole batch, not only within each request (EB_PREFILL_LPT; not yet GPU-run).
-    "short-lpt": (SHORT, ("-DEB_PREFILL_LPT",)),
-    "long-lpt": (LONG, ("-DEB_PREFILL_LPT",)),
+    "long-s3": (LONG, ("-DEB_PREFILL_STAGES=3",)),  # one CTA per SM either way: room for a third K/V stage
     "short-again": (SHORT, ()),  # run-to-run noise: the same build timed again
 }
 _default_spec = prefill.kernel_spec

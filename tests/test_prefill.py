@@ -189,20 +189,18 @@ def test_prefill_reads_a_fused_qkv_slice_in_place():
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_prefill_longest_first_experiment_matches_the_reference(monkeypatch, causal):
-    """The experiment-only plan order (-DEB_PREFILL_LPT, scripts/prefill_experiment.py) on ragged prefill and
-    append rows, both tile shapes: the order must not change what each tile computes."""
-    from engine_backend import prefill
-    from engine_backend.kernels import jit
+def test_prefill_rows_without_keys(causal):
+    """Rows whose queries see no key (query tiles with no K/V tile) between rows with keys."""
+    q, k, v, bsr = paged_batch([5, 40, 1, 7, 3], [0, 300, 0, 7, 0], 16, 32, 8, 128, torch.bfloat16)
+    check(BatchPrefill(32, 8, 128, 16, causal=causal), q, k, v, bsr, causal)
 
-    shipped = prefill.kernel_spec
 
-    def spec(dtype, dim, variant, tile=None):
-        base = shipped(dtype, dim, variant, tile)
-        return jit.KernelSpec.make(base.name, base.sources, dict(base.params), cuda_flags=("-DEB_PREFILL_LPT",))
-
-    monkeypatch.setattr(prefill, "kernel_spec", spec)
-    q_lens, kv_lens = ragged_lens(random.Random(11), 12, 700)
-    q, k, v, bsr = paged_batch(q_lens, kv_lens, 16, 32, 8, 128, torch.bfloat16)
-    check(BatchPrefill(32, 8, 128, 16, causal=causal, max_batch_size=16, max_num_tokens=sum(q_lens)), q, k, v, bsr,
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefill_many_short_rows(causal):
+    """More query tiles than resident CTAs, many streaming one K/V tile, page size 1."""
+    rng = random.Random(5)
+    q_lens = [rng.choice([1, 2, rng.randint(1, 64), rng.randint(64, 300)]) for _ in range(96)]
+    kv_lens = [n + rng.choice([0, 0, rng.randint(0, 500)]) for n in q_lens]
+    q, k, v, bsr = paged_batch(q_lens, kv_lens, 1, 32, 8, 128, torch.bfloat16)
+    check(BatchPrefill(32, 8, 128, 1, causal=causal, max_batch_size=96, max_num_tokens=sum(q_lens)), q, k, v, bsr,
           causal)

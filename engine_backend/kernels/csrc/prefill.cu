@@ -318,6 +318,79 @@ EB_DEVICE void attend_tile(const PrefillParams& p, const Tile& tl, const LaneRow
   softmax_pv<kMask>(p, tl, lr, s, o, m, l, vbase, first, lane, chunks);
 }
 
+// The lane's rows of a tile: position, head and the variant's per-row constants.
+EB_DEVICE LaneRows lane_rows(const PrefillParams& p, const Tile& tl, int kv_head, int group, int warp, int lane) {
+  LaneRows lr;
+#pragma unroll
+  for (int r = 0; r < kLaneRows; ++r) {
+    const int row = lane_row(warp, lane, r);
+    lr.valid[r] = row < tl.rows;
+    const int pr = tl.r0 + (lr.valid[r] ? row : 0);
+    lr.qp[r] = tl.kv_len - tl.q_len + pr / group;
+    lr.head[r] = kv_head * group + pr % group;
+    lr.var[r] = Var::row(p.variant, lr.head[r]);
+  }
+  return lr;
+}
+
+// Where a tile's K/V tiles need the mask, and where a warp's rows see no more keys.
+struct KeyBounds {
+  int clean_end;     // rows of the tile see keys below it without any mask
+  int last_qp;       // query position of the tile's last row (sliding window)
+  int warp_key_end;  // keys past it are masked for every row of this warp (all keys, if it has no rows)
+
+  EB_DEVICE KeyBounds(const PrefillParams& p, const Tile& tl, int group, int warp) {
+    const int first_qp = tl.kv_len - tl.q_len + tl.r0 / group;
+    clean_end = p.causal ? min(tl.kv_len, first_qp + 1) : tl.kv_len;
+    last_qp = tl.kv_len - tl.q_len + (tl.r0 + tl.rows - 1) / group;
+    const int warp_last_row = min(tl.rows, (warp + 1) * kWarpRows) - 1;
+    warp_key_end = warp_last_row < warp * kWarpRows ? 0
+                   : p.causal ? min(tl.kv_end, tl.kv_len - tl.q_len + (tl.r0 + warp_last_row) / group + 1)
+                              : tl.kv_end;
+  }
+  EB_DEVICE bool masked(const PrefillParams& p, int first) const {
+    return first + kN > clean_end || (Var::window && first < last_qp - p.variant.window_left);
+  }
+  // 16-key chunks of a masked tile the warp computes (the rest lie wholly past its rows).
+  EB_DEVICE int chunks(int first) const {
+    return kSkipMaskedKeys ? min(kN / 16, max(0, (warp_key_end - first + 15) / 16)) : kN / 16;
+  }
+};
+
+// Epilogue: normalise and store this lane's rows; lse in natural log.
+EB_DEVICE void store_rows(const PrefillParams& p, const Tile& tl, const LaneRows& lr, const float (&o)[kMmaM][D / 8][4],
+                          const float (&m)[kLaneRows], const float (&l)[kLaneRows], int group, int warp, int lane) {
+#pragma unroll
+  for (int r = 0; r < kLaneRows; ++r) {
+    const float sum = quad_sum(l[r]);
+    if (!lr.valid[r]) continue;
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int pr = tl.r0 + lane_row(warp, lane, r);
+    const long token = tl.q0 + pr / group;
+    T* dst = static_cast<T*>(p.out) + token * p.out_stride_n + long(lr.head[r]) * p.out_stride_h + 2 * (lane % 4);
+    const int mi = r / 2, h = r % 2;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<typename Elem<T>::Pair*>(dst + 8 * dt) =
+          Elem<T>::from_float2(o[mi][dt][2 * h] * inv, o[mi][dt][2 * h + 1] * inv);
+    }
+    if (p.lse && lane % 4 == 0) {
+      p.lse[token * p.lse_stride_n + lr.head[r]] =
+          sum > 0.f ? (m[r] * lr.unit(r) + fast_log2(sum)) * kLn2 : -CUDART_INF_F;
+    }
+  }
+}
+
+EB_DEVICE void zero_state(float (&o)[kMmaM][D / 8][4], float (&m)[kLaneRows], float (&l)[kLaneRows]) {
+#pragma unroll
+  for (int mi = 0; mi < kMmaM; ++mi)
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[mi][i][0] = o[mi][i][1] = o[mi][i][2] = o[mi][i][3] = 0.f;
+#pragma unroll
+  for (int r = 0; r < kLaneRows; ++r) m[r] = -CUDART_INF_F, l[r] = 0.f;
+}
+
+// One CTA per (query tile, KV head).
 __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const PrefillParams p) {
   extern __shared__ __align__(1024) uint8_t smem[];  // tiles start at multiples of their row size (swizzle_step)
   const int hkv = p.num_kv_heads;
@@ -350,16 +423,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const Pre
   }
   int next_page = tid < kN ? page_of(p, tl, tile_first(kStages - 1) + tid) : 0;
 
-  LaneRows lr;
-#pragma unroll
-  for (int r = 0; r < kLaneRows; ++r) {
-    const int row = lane_row(warp, lane, r);
-    lr.valid[r] = row < tl.rows;
-    const int pr = tl.r0 + (lr.valid[r] ? row : 0);
-    lr.qp[r] = tl.kv_len - tl.q_len + pr / group;
-    lr.head[r] = kv_head * group + pr % group;
-    lr.var[r] = Var::row(p.variant, lr.head[r]);
-  }
+  const LaneRows lr = lane_rows(p, tl, kv_head, group, warp, lane);
 
   cp_async_wait<kStages - 1>();  // Q has landed
   __syncthreads();  // ... and every thread is done reading the prologue's page-id slots
@@ -367,23 +431,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const Pre
   QFrags qf;
   qf.init(smem_addr(sq), warp, lane);
 
-  float o[kMmaM][D / 8][4];
-#pragma unroll
-  for (int mi = 0; mi < kMmaM; ++mi)
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) o[mi][i][0] = o[mi][i][1] = o[mi][i][2] = o[mi][i][3] = 0.f;
-  float m[kLaneRows], l[kLaneRows];
-#pragma unroll
-  for (int r = 0; r < kLaneRows; ++r) m[r] = -CUDART_INF_F, l[r] = 0.f;
-  // Rows of this tile see keys below clean_end without any mask.
-  const int first_qp = tl.kv_len - tl.q_len + tl.r0 / group;
-  const int clean_end = p.causal ? min(tl.kv_len, first_qp + 1) : tl.kv_len;
-  const int last_qp = tl.kv_len - tl.q_len + (tl.r0 + tl.rows - 1) / group;
-  // Keys past warp_key_end are masked for every row of this warp (all keys, if it has no rows).
-  const int warp_last_row = min(tl.rows, (warp + 1) * kWarpRows) - 1;
-  const int warp_key_end = warp_last_row < warp * kWarpRows ? 0
-                           : p.causal ? min(tl.kv_end, tl.kv_len - tl.q_len + (tl.r0 + warp_last_row) / group + 1)
-                                      : tl.kv_end;
+  float o[kMmaM][D / 8][4], m[kLaneRows], l[kLaneRows];
+  zero_state(o, m, l);
+  const KeyBounds kb(p, tl, group, warp);
 
   for (int j = 0; j < n_tiles; ++j) {
     const int stage = j % kStages;
@@ -396,10 +446,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const Pre
     if (tid < kN && ahead + 1 < n_tiles) next_page = page_of(p, tl, tile_first(ahead + 1) + tid);
 
     const uint32_t kbase = smem_addr(sk(stage)), vbase = smem_addr(sv(stage));
-    const bool masked = first + kN > clean_end || (Var::window && first < last_qp - p.variant.window_left);
-    if (masked) {
-      const int chunks = kSkipMaskedKeys ? min(kN / 16, max(0, (warp_key_end - first + 15) / 16)) : kN / 16;
-      attend_tile<true>(p, tl, lr, qf, o, m, l, kbase, vbase, first, lane, chunks);
+    if (kb.masked(p, first)) {
+      attend_tile<true>(p, tl, lr, qf, o, m, l, kbase, vbase, first, lane, kb.chunks(first));
     } else {
       attend_tile<false>(p, tl, lr, qf, o, m, l, kbase, vbase, first, lane);
     }
@@ -407,88 +455,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const Pre
     if (tid < kN) slot(ahead + 1)[tid] = next_page;
   }
   cp_async_wait<0>();
-
-  // Epilogue: normalise and store this lane's rows; lse in natural log.
-#pragma unroll
-  for (int r = 0; r < kLaneRows; ++r) {
-    const float sum = quad_sum(l[r]);
-    if (!lr.valid[r]) continue;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const int pr = tl.r0 + lane_row(warp, lane, r);
-    const long token = tl.q0 + pr / group;
-    T* dst = static_cast<T*>(p.out) + token * p.out_stride_n + long(lr.head[r]) * p.out_stride_h + 2 * (lane % 4);
-    const int mi = r / 2, h = r % 2;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<typename Elem<T>::Pair*>(dst + 8 * dt) =
-          Elem<T>::from_float2(o[mi][dt][2 * h] * inv, o[mi][dt][2 * h + 1] * inv);
-    }
-    if (p.lse && lane % 4 == 0) {
-      p.lse[token * p.lse_stride_n + lr.head[r]] =
-          sum > 0.f ? (m[r] * lr.unit(r) + fast_log2(sum)) * kLn2 : -CUDART_INF_F;
-    }
-  }
+  store_rows(p, tl, lr, o, m, l, group, warp, lane);
 }
 
 // ---------------------------------------------------------------------- planning kernel
 constexpr int kPlanThreads = 1024;
 using PlanScan = cub::BlockScan<int, kPlanThreads>;
 
-#ifdef EB_PREFILL_LPT
-// Experiment builds (-DEB_PREFILL_LPT; scripts/prefill_experiment.py, `short-lpt` / `long-lpt`): the tiles in
-// decreasing order of the K/V tiles each streams under a causal mask (a counting sort on that count, capped at
-// kLptBuckets - 1), so the CTAs that start last are the shortest across requests. The default order is longest
-// first within a request, request after request: with many requests the last wave still holds long tiles (the
-// gap to FlashInfer grows with the request count: 0.95x at 1 x 8192, 0.77x at 64 x 256).
-constexpr int kLptBuckets = 2048;
-
-EB_DEVICE int lpt_bucket(const int4& req, int i, int group) {
-  const int last_row = min((i + 1) * kM, req.y * group) - 1;          // packed query row
-  const int kv_end = min(req.z, req.z - req.y + last_row / group + 1);  // keys the causal tile sees
-  return kLptBuckets - 1 - min((max(kv_end, 1) + kN - 1) / kN, kLptBuckets - 1);
-}
-
-// One request per thread: count its tiles into their buckets, or (place) write each at its bucket's next slot.
-EB_DEVICE void lpt_pass(const int32_t* qo_indptr, const int32_t* indptr, const int32_t* kv_lens, int rows,
-                        PrefillPlan plan, int group, int max_tiles, int* buckets, bool place) {
-  for (int b = threadIdx.x; b < rows; b += kPlanThreads) {
-    const int4 req = make_int4(qo_indptr[b], qo_indptr[b + 1] - qo_indptr[b], kv_lens[b], indptr[b]);
-    const int tiles = (req.y * group + kM - 1) / kM;
-    for (int i = tiles - 1; i >= 0; --i) {
-      const int k = lpt_bucket(req, i, group);
-      if (!place) {
-        atomicAdd(&buckets[k], 1);
-        continue;
-      }
-      const int pos = atomicAdd(&buckets[k], 1);
-      if (pos < max_tiles) plan.tile[pos] = req, plan.tile_idx[pos] = i;
-    }
-  }
-}
-
-__global__ void __launch_bounds__(kPlanThreads) prefill_plan_kernel(const int32_t* __restrict__ qo_indptr,
-                                                                   const int32_t* __restrict__ indptr,
-                                                                   const int32_t* __restrict__ kv_lens, int rows,
-                                                                   PrefillPlan plan, int group, int max_tiles) {
-  __shared__ typename PlanScan::TempStorage scan;
-  __shared__ int buckets[kLptBuckets];
-  constexpr int kPer = kLptBuckets / kPlanThreads;
-  for (int k = threadIdx.x; k < kLptBuckets; k += kPlanThreads) buckets[k] = 0;
-  __syncthreads();
-  lpt_pass(qo_indptr, indptr, kv_lens, rows, plan, group, max_tiles, buckets, false);
-  __syncthreads();
-  int counts[kPer], total;
-  for (int j = 0; j < kPer; ++j) counts[j] = buckets[threadIdx.x * kPer + j];
-  PlanScan(scan).ExclusiveSum(counts, counts, total);
-  for (int j = 0; j < kPer; ++j) buckets[threadIdx.x * kPer + j] = counts[j];  // each bucket's first position
-  __syncthreads();
-  lpt_pass(qo_indptr, indptr, kv_lens, rows, plan, group, max_tiles, buckets, true);
-  if (threadIdx.x == 0) {
-    plan.header[0] = rows;
-    plan.header[1] = min(total, max_tiles);
-  }
-}
-#else
 __global__ void __launch_bounds__(kPlanThreads) prefill_plan_kernel(const int32_t* __restrict__ qo_indptr,
                                                                    const int32_t* __restrict__ indptr,
                                                                    const int32_t* __restrict__ kv_lens, int rows,
@@ -523,7 +496,7 @@ __global__ void __launch_bounds__(kPlanThreads) prefill_plan_kernel(const int32_
     plan.header[1] = min(carry, max_tiles);
   }
 }
-#endif
+
 
 }  // namespace
 
