@@ -5,7 +5,8 @@
 
 Each configuration is the same kernel source built with other compile-time choices
 (EB_PREFILL_MMA_M: 16-row MMA tiles per warp; EB_PREFILL_SKIP_MASKED_KEYS: skip a warp's wholly
-masked key chunks on diagonal tiles; EB_PREFILL_STAGES: K/V tiles in shared memory) and tile shapes
+masked key chunks on diagonal tiles; EB_PREFILL_STAGES: K/V tiles in shared memory;
+EB_PREFILL_RESCALE_SLACK: how far a row's max must grow before O is rescaled) and tile shapes
 (warps per CTA, KV tokens per tile), timed on bench_prefill's shapes; its output is compared with the
 first configuration's.
 """
@@ -36,6 +37,9 @@ CONFIGS = {
     "long": (LONG, ()),
     "long-no-skip": (LONG, ("-DEB_PREFILL_SKIP_MASKED_KEYS=0",)),
     "long-s3": (LONG, ("-DEB_PREFILL_STAGES=3",)),  # one CTA per SM either way: room for a third K/V stage
+    # The running max moves on every increase (the twelfth session's kernel) instead of past a slack of 8.
+    "short-slack0": (SHORT, ("-DEB_PREFILL_RESCALE_SLACK=0",)),
+    "long-slack0": (LONG, ("-DEB_PREFILL_RESCALE_SLACK=0",)),
     "short-again": (SHORT, ()),  # run-to-run noise: the same build timed again
 }
 _default_spec = prefill.kernel_spec

@@ -60,6 +60,15 @@ constexpr int kStages = EB_PREFILL_STAGES;
 // Skip the O rescale of a tile when no row max of the warp changed (most tiles after the first
 // few): a warp vote instead of D/2 multiplies per row and lane.
 constexpr bool kLazyRescale = EB_PREFILL_LAZY_RESCALE;
+// The running max of a row moves only when a tile's max exceeds it by more than this many log2 units:
+// probabilities are then at most 2^kRescaleSlack (256: exact enough as bf16/fp16 MMA operands, far from
+// overflow in the fp32 sums), and the O rescale is skipped on most tiles, not only where the max held.
+// Softmax is shift-invariant and l and the lse use the same max, so only rounding changes. 0 moves it
+// on every increase.
+#ifndef EB_PREFILL_RESCALE_SLACK
+#define EB_PREFILL_RESCALE_SLACK 8
+#endif
+constexpr float kRescaleSlack = EB_PREFILL_RESCALE_SLACK;
 // On the tile that crosses the causal diagonal, a warp skips the MMAs of 16-key chunks that lie
 // wholly past its own rows' last position: a warp holds kWarpRows / group query positions, the tile
 // kN keys, so much of the diagonal tile is invisible to most warps. Measured side by side
@@ -255,13 +264,17 @@ EB_DEVICE void softmax_pv(const PrefillParams& p, const Tile& tl, const LaneRows
 #pragma unroll
   for (int r = 0; r < kLaneRows; ++r) {
     const int mi = r / 2, h = r % 2;
-    const float m_new = fmaxf(m[r], quad_max(row_max[r]));
+    const float m_old = m[r], row_m = quad_max(row_max[r]);
     const float unit = lr.unit(r);
-    const float base = (m_new == -CUDART_INF_F ? 0.f : m_new) * unit;
+    // A row's first visible keys set its max with no rescale (O and l are still 0); later the max moves
+    // only past the slack (see kRescaleSlack).
+    const bool first_keys = m_old == -CUDART_INF_F;
+    const bool moves = !first_keys && (row_m - m_old) * unit > kRescaleSlack;
+    if (first_keys || moves) m[r] = fmaxf(m_old, row_m);
+    const float base = (m[r] == -CUDART_INF_F ? 0.f : m[r]) * unit;
     // Exactly 1 where the max held (not exp2 of a rounding residue), so skipping is exact.
-    max_moved |= m_new != m[r];
-    rescale[r] = m_new == m[r] ? 1.f : fast_exp2(fmaf(m[r], unit, -base));
-    m[r] = m_new;
+    max_moved |= moves;
+    rescale[r] = moves ? fast_exp2(fmaf(m_old, unit, -base)) : 1.f;
     float sum = 0.f;
 #pragma unroll
     for (int n = 0; n < kN / 8; ++n) {
