@@ -6,7 +6,8 @@
 Each configuration is the same kernel source built with other compile-time choices
 (EB_PREFILL_MMA_M: 16-row MMA tiles per warp; EB_PREFILL_SKIP_MASKED_KEYS: skip a warp's wholly
 masked key chunks on diagonal tiles; EB_PREFILL_STAGES: K/V tiles in shared memory;
-EB_PREFILL_RESCALE_SLACK: how far a row's max must grow before O is rescaled) and tile shapes
+EB_PREFILL_RESCALE_SLACK: how far a row's max must grow before O is rescaled; EB_PREFILL_HW_DIVISION:
+integer division by the group size, or multiply-high by its magic number) and tile shapes
 (warps per CTA, KV tokens per tile), timed on bench_prefill's shapes; its output is compared with the
 first configuration's.
 """
@@ -40,6 +41,10 @@ CONFIGS = {
     # The running max moves on every increase (the twelfth session's kernel) instead of past a slack of 8.
     "short-slack0": (SHORT, ("-DEB_PREFILL_RESCALE_SLACK=0",)),
     "long-slack0": (LONG, ("-DEB_PREFILL_RESCALE_SLACK=0",)),
+    # Divisions by the group size the other way round: integer division on the short shape, multiply-high by
+    # a magic number on the long one.
+    "short-div": (SHORT, ("-DEB_PREFILL_HW_DIVISION=1",)),
+    "long-magic": (LONG, ("-DEB_PREFILL_HW_DIVISION=0",)),
     "short-again": (SHORT, ()),  # run-to-run noise: the same build timed again
 }
 _default_spec = prefill.kernel_spec

@@ -188,6 +188,16 @@ def test_prefill_reads_a_fused_qkv_slice_in_place():
         assert rel_err(out, ref) < TOL[torch.bfloat16], pre.tile
 
 
+@pytest.mark.parametrize("heads", [(12, 4), (20, 4), (28, 4), (18, 3), (14, 2)], ids=lambda h: f"group{h[0] // h[1]}")
+def test_prefill_group_sizes_not_powers_of_two(heads):
+    """Packed rows split into (token, head) by the group size through a multiply-high (prefill.h's Divisor):
+    groups 3, 5, 6 and 7, over ragged rows, both tile shapes."""
+    rng = random.Random(heads[0])
+    q_lens, kv_lens = ragged_lens(rng, 6, 300)
+    q, k, v, bsr = paged_batch(q_lens, kv_lens, 16, *heads, 128, torch.bfloat16)
+    check(BatchPrefill(*heads, 128, 16, max_batch_size=8, max_num_tokens=4096), q, k, v, bsr, True)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_prefill_rows_without_keys(causal):
     """Rows whose queries see no key (query tiles with no K/V tile) between rows with keys."""

@@ -89,17 +89,32 @@ struct Tile {
   const int32_t* pages;
 };
 
-EB_DEVICE Tile tile_of(const PrefillParams& p, int t, int group) {
-  const int4 req = p.plan.tile[t];
+// n / d and n % d for 0 <= n < 2^31: packed query rows -> (token, head of the group). By the divisor's magic
+// number (see Divisor) where that measured faster: the short shape, whose per-tile setup weighs most (+3.5-7 %
+// on every benchmark shape, results/prefill-h200-s13/); the long shape's loop spilled more registers with it
+// (12 spill loads instead of 4) and ran 1.5-3.7 % slower, so it keeps the integer division.
+#ifndef EB_PREFILL_HW_DIVISION
+#define EB_PREFILL_HW_DIVISION (kN >= 64)
+#endif
+constexpr bool kHwDivision = EB_PREFILL_HW_DIVISION;
+EB_DEVICE int div_by(const Divisor& d, int n) {
+  if constexpr (kHwDivision) return n / int(d.d);
+  return int((__umulhi(uint32_t(n), d.magic) + uint32_t(n)) >> d.shift);
+}
+EB_DEVICE int mod_by(const Divisor& d, int n) { return n - div_by(d, n) * int(d.d); }
+
+// Tile t of the plan from its two records (loaded by the caller, so the loads need not wait for the check that
+// t is one of the plan's tiles: the arrays hold max_tiles >= the grid's tiles).
+EB_DEVICE Tile tile_of(const PrefillParams& p, int4 req, int tile_idx, const Divisor& group) {
   Tile tl;
   tl.q0 = req.x;
   tl.q_len = req.y;
   tl.kv_len = req.z;
   tl.pages = p.indices + req.w;
-  tl.r0 = p.plan.tile_idx[t] * kM;
-  tl.rows = min(kM, tl.q_len * group - tl.r0);
-  const int qp_first = tl.kv_len - tl.q_len + tl.r0 / group;
-  const int qp_last = tl.kv_len - tl.q_len + (tl.r0 + tl.rows - 1) / group;
+  tl.r0 = tile_idx * kM;
+  tl.rows = min(kM, tl.q_len * int(group.d) - tl.r0);
+  const int qp_first = tl.kv_len - tl.q_len + div_by(group, tl.r0);
+  const int qp_last = tl.kv_len - tl.q_len + div_by(group, tl.r0 + tl.rows - 1);
   tl.kv_end = p.causal ? min(tl.kv_len, qp_last + 1) : tl.kv_len;
   tl.kv_begin = Var::window ? max(0, qp_first - p.variant.window_left) : 0;
   tl.kv_end = max(tl.kv_end, tl.kv_begin);
@@ -107,14 +122,14 @@ EB_DEVICE Tile tile_of(const PrefillParams& p, int t, int group) {
 }
 
 // Packed query rows -> shared memory (zeros past the tile's rows).
-EB_DEVICE void issue_q(const PrefillParams& p, const Tile& tl, uint8_t* sq, int kv_head, int group) {
+EB_DEVICE void issue_q(const PrefillParams& p, const Tile& tl, uint8_t* sq, int kv_head, const Divisor& group) {
   const uint32_t base = smem_addr(sq);
   for (int i = threadIdx.x; i < kM * kChunks; i += kThreads) {
     const int r = i / kChunks, c = i % kChunks;
     const bool valid = r < tl.rows;
     const int pr = tl.r0 + (valid ? r : 0);
-    const T* src = static_cast<const T*>(p.q) + long(tl.q0 + pr / group) * p.q_stride_n +
-                   long(kv_head * group + pr % group) * p.q_stride_h + c * 8;
+    const T* src = static_cast<const T*>(p.q) + long(tl.q0 + div_by(group, pr)) * p.q_stride_n +
+                   long(kv_head * int(group.d) + mod_by(group, pr)) * p.q_stride_h + c * 8;
     cp_async_16(base + swizzle<kChunks>(r, c), src, valid);
   }
 }
@@ -332,15 +347,16 @@ EB_DEVICE void attend_tile(const PrefillParams& p, const Tile& tl, const LaneRow
 }
 
 // The lane's rows of a tile: position, head and the variant's per-row constants.
-EB_DEVICE LaneRows lane_rows(const PrefillParams& p, const Tile& tl, int kv_head, int group, int warp, int lane) {
+EB_DEVICE LaneRows lane_rows(const PrefillParams& p, const Tile& tl, int kv_head, const Divisor& group, int warp,
+                             int lane) {
   LaneRows lr;
 #pragma unroll
   for (int r = 0; r < kLaneRows; ++r) {
     const int row = lane_row(warp, lane, r);
     lr.valid[r] = row < tl.rows;
     const int pr = tl.r0 + (lr.valid[r] ? row : 0);
-    lr.qp[r] = tl.kv_len - tl.q_len + pr / group;
-    lr.head[r] = kv_head * group + pr % group;
+    lr.qp[r] = tl.kv_len - tl.q_len + div_by(group, pr);
+    lr.head[r] = kv_head * int(group.d) + mod_by(group, pr);
     lr.var[r] = Var::row(p.variant, lr.head[r]);
   }
   return lr;
@@ -352,13 +368,13 @@ struct KeyBounds {
   int last_qp;       // query position of the tile's last row (sliding window)
   int warp_key_end;  // keys past it are masked for every row of this warp (all keys, if it has no rows)
 
-  EB_DEVICE KeyBounds(const PrefillParams& p, const Tile& tl, int group, int warp) {
-    const int first_qp = tl.kv_len - tl.q_len + tl.r0 / group;
+  EB_DEVICE KeyBounds(const PrefillParams& p, const Tile& tl, const Divisor& group, int warp) {
+    const int first_qp = tl.kv_len - tl.q_len + div_by(group, tl.r0);
     clean_end = p.causal ? min(tl.kv_len, first_qp + 1) : tl.kv_len;
-    last_qp = tl.kv_len - tl.q_len + (tl.r0 + tl.rows - 1) / group;
+    last_qp = tl.kv_len - tl.q_len + div_by(group, tl.r0 + tl.rows - 1);
     const int warp_last_row = min(tl.rows, (warp + 1) * kWarpRows) - 1;
     warp_key_end = warp_last_row < warp * kWarpRows ? 0
-                   : p.causal ? min(tl.kv_end, tl.kv_len - tl.q_len + (tl.r0 + warp_last_row) / group + 1)
+                   : p.causal ? min(tl.kv_end, tl.kv_len - tl.q_len + div_by(group, tl.r0 + warp_last_row) + 1)
                               : tl.kv_end;
   }
   EB_DEVICE bool masked(const PrefillParams& p, int first) const {
@@ -372,14 +388,15 @@ struct KeyBounds {
 
 // Epilogue: normalise and store this lane's rows; lse in natural log.
 EB_DEVICE void store_rows(const PrefillParams& p, const Tile& tl, const LaneRows& lr, const float (&o)[kMmaM][D / 8][4],
-                          const float (&m)[kLaneRows], const float (&l)[kLaneRows], int group, int warp, int lane) {
+                          const float (&m)[kLaneRows], const float (&l)[kLaneRows], const Divisor& group, int warp,
+                          int lane) {
 #pragma unroll
   for (int r = 0; r < kLaneRows; ++r) {
     const float sum = quad_sum(l[r]);
     if (!lr.valid[r]) continue;
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     const int pr = tl.r0 + lane_row(warp, lane, r);
-    const long token = tl.q0 + pr / group;
+    const long token = tl.q0 + div_by(group, pr);
     T* dst = static_cast<T*>(p.out) + token * p.out_stride_n + long(lr.head[r]) * p.out_stride_h + 2 * (lane % 4);
     const int mi = r / 2, h = r % 2;
 #pragma unroll
@@ -406,12 +423,13 @@ EB_DEVICE void zero_state(float (&o)[kMmaM][D / 8][4], float (&m)[kLaneRows], fl
 // One CTA per (query tile, KV head).
 __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const PrefillParams p) {
   extern __shared__ __align__(1024) uint8_t smem[];  // tiles start at multiples of their row size (swizzle_step)
-  const int hkv = p.num_kv_heads;
-  const int kv_head = blockIdx.x % hkv;
-  const int t = blockIdx.x / hkv;
+  const int t = div_by(p.kv_heads, blockIdx.x);
+  const int kv_head = blockIdx.x - t * p.num_kv_heads;
+  const int4 req = p.plan.tile[t];
+  const int tile_idx = p.plan.tile_idx[t];
   if (t >= p.plan.header[1]) return;
-  const int group = p.num_qo_heads / hkv;
-  const Tile tl = tile_of(p, t, group);
+  const Divisor& group = p.group;
+  const Tile tl = tile_of(p, req, tile_idx, group);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   uint8_t* sq = smem;
   auto sk = [&](int s) { return smem + kSmemQ + s * 2 * kTileBytes; };
@@ -527,7 +545,10 @@ void prefill_run_launch(const PrefillParams& params, cudaStream_t stream) {
   }();
   (void)configured;
   const int blocks = params.max_tiles * params.num_kv_heads;
-  if (blocks > 0) prefill_kernel<<<blocks, kThreads, kSmemBytes, stream>>>(params);
+  PrefillParams p = params;
+  p.group = make_divisor(params.num_qo_heads / params.num_kv_heads);
+  p.kv_heads = make_divisor(params.num_kv_heads);
+  if (blocks > 0) prefill_kernel<<<blocks, kThreads, kSmemBytes, stream>>>(p);
 }
 
 }  // namespace eb

@@ -18,6 +18,19 @@ struct PrefillPlan {
   int32_t* tile_idx;  // [max_tiles] index of the tile within its request
 };
 
+// A divisor fixed per launch, with its magic number: n / d as one multiply-high, an add and a shift on the
+// device (prefill.cu's div_by) instead of the ~20-instruction integer division sequence, for 0 <= n < 2^31.
+// Granlund & Montgomery's round-up method: shift = ceil(log2 d), magic = floor(2^32 (2^shift - d) / d) + 1.
+struct Divisor {
+  uint32_t d, magic, shift;
+};
+inline Divisor make_divisor(uint32_t d) {
+  uint32_t shift = 0;
+  while ((uint64_t(1) << shift) < d) ++shift;
+  const uint64_t magic = ((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1;
+  return Divisor{d, static_cast<uint32_t>(magic), shift};
+}
+
 struct PrefillParams {
   const void* q;  // [tokens, Hq, D]
   int64_t q_stride_n, q_stride_h;
@@ -33,6 +46,7 @@ struct PrefillParams {
   int64_t lse_stride_n;
   PrefillPlan plan;
   int num_qo_heads, num_kv_heads;
+  Divisor group, kv_heads;  // query heads per KV head, and KV heads; set by prefill_run_launch
   int max_tiles;  // grid = max_tiles * num_kv_heads
   bool causal;
   VariantParams variant;
