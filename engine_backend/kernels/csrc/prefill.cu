@@ -90,7 +90,7 @@ struct Tile {
 };
 
 // n / d and n % d for 0 <= n < 2^31: packed query rows -> (token, head of the group). By the divisor's magic
-// number (see Divisor) where that measured faster: the short shape, whose per-tile setup weighs most (+3.5-7 %
+// number (see Divisor) where that measured faster: the short shape, whose per-tile setup weighs most (+3-7 %
 // on every benchmark shape, results/prefill-h200-s13/); the long shape's loop spilled more registers with it
 // (12 spill loads instead of 4) and ran 1.3-3.7 % slower, so it keeps the integer division.
 #ifndef EB_PREFILL_HW_DIVISION
@@ -527,7 +527,6 @@ __global__ void __launch_bounds__(kPlanThreads) prefill_plan_kernel(const int32_
     plan.header[1] = min(carry, max_tiles);
   }
 }
-
 
 }  // namespace
 
