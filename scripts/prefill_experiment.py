@@ -35,6 +35,8 @@ CONFIGS = {
     "short": (SHORT, ()),
     "short-skip": (SHORT, ("-DEB_PREFILL_SKIP_MASKED_KEYS=1",)),
     "4w-kv64": (prefill.TileShape(4, 64), ()),
+    # FlashInfer fa2's shape for these heads (4 warps x 32 rows, 64 keys), with the short shape's choices.
+    "4w-kv64-magic-noskip": (prefill.TileShape(4, 64), ("-DEB_PREFILL_HW_DIVISION=0", "-DEB_PREFILL_SKIP_MASKED_KEYS=0")),
     "long": (LONG, ()),
     "long-no-skip": (LONG, ("-DEB_PREFILL_SKIP_MASKED_KEYS=0",)),
     "long-s3": (LONG, ("-DEB_PREFILL_STAGES=3",)),  # one CTA per SM either way: room for a third K/V stage
@@ -86,9 +88,11 @@ def main() -> None:
     parser.add_argument("--prebuild", action="store_true")
     parser.add_argument("--arch", default=None)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--configs", help="comma-separated names of CONFIGS to run (default: all); the first is the reference")
     args = parser.parse_args()
+    configs = {name: CONFIGS[name] for name in args.configs.split(",")} if args.configs else CONFIGS
     if args.prebuild:
-        for tile, flags in CONFIGS.values():
+        for tile, flags in configs.values():
             print(jit.build(spec(tile, flags), args.arch))
         return
     torch.manual_seed(0)
@@ -96,7 +100,7 @@ def main() -> None:
     for name, flops, page, b, q, k, v, bsr in cases():
         row = {"shape": name, "flops": flops}
         ref = None
-        for cfg, (tile, flags) in CONFIGS.items():
+        for cfg, (tile, flags) in configs.items():
             pre = make_prefill(tile, flags, page, b, q.shape[0])
             pre.plan(bsr)
             out = torch.empty_like(q)

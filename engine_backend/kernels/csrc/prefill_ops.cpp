@@ -44,6 +44,12 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   c10::cuda::CUDAGuard guard(q.device());
   eb::PrefillParams p{};
   eb::fill_paged_io(p, q, k, v, indices, page_size, out, lse, kDtype, kHeadDim);
+  // The kernel addresses Q, K and V rows with 32-bit byte strides (prefill.cu's mad_wide).
+  for (int64_t stride : {p.q_stride_n, p.q_stride_h, p.k_stride_page, p.k_stride_tok, p.v_stride_page, p.v_stride_tok}) {
+    TORCH_CHECK(stride >= 0 && stride * q.element_size() < (int64_t(1) << 31),
+                "Q token/head and K/V page/token strides must be below 2^31 bytes, got a stride of ", stride,
+                " elements");
+  }
   p.plan = carve_plan(plan_buf, max_tiles);
   p.max_tiles = launch_tiles;
   p.causal = causal;
