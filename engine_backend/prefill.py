@@ -49,11 +49,12 @@ class TileShape:
     kv_tile: int
 
 
-# Measured side by side (scripts/prefill_experiment.py, results/prefill-experiment-h200.json, bf16,
-# Hq=32, Hkv=8, D=128): 8 warps x 64 keys is fastest from 1024 query tokens per request up (and on
-# 512-token appends onto long caches), 4 warps x 32 keys on 256-token prefills. Other head dims keep
-# the one shape they were tuned with.
-_SHAPES = {128: (TileShape(4, 32), TileShape(8, 64))}
+# Measured side by side (scripts/prefill_experiment.py, results/prefill-h200-s14/, bf16, Hq=32, Hkv=8,
+# D=128): 4 warps x 64 keys (two CTAs per SM, FlashInfer fa2's shape) from 1024 query tokens per request up
+# and on 512-token appends onto long caches (on par with or up to 3 % ahead of 8 warps x 64 keys, one CTA
+# per SM), 4 warps x 32 keys on 256-token prefills (1-3 % ahead). Other head dims keep the one shape they
+# were tuned with.
+_SHAPES = {128: (TileShape(4, 32), TileShape(4, 64))}
 LONG_QUERY_TOKENS = 512  # mean query tokens per request from which a plan takes the long shape
 
 

@@ -34,19 +34,17 @@ SHORT, LONG = prefill.tile_shapes(D)
 CONFIGS = {
     "short": (SHORT, ()),
     "short-skip": (SHORT, ("-DEB_PREFILL_SKIP_MASKED_KEYS=1",)),
-    "4w-kv64": (prefill.TileShape(4, 64), ()),
-    # FlashInfer fa2's shape for these heads (4 warps x 32 rows, 64 keys), with the short shape's choices.
-    "4w-kv64-magic-noskip": (prefill.TileShape(4, 64), ("-DEB_PREFILL_HW_DIVISION=0", "-DEB_PREFILL_SKIP_MASKED_KEYS=0")),
     "long": (LONG, ()),
-    "long-no-skip": (LONG, ("-DEB_PREFILL_SKIP_MASKED_KEYS=0",)),
-    "long-s3": (LONG, ("-DEB_PREFILL_STAGES=3",)),  # one CTA per SM either way: room for a third K/V stage
+    "long-skip": (LONG, ("-DEB_PREFILL_SKIP_MASKED_KEYS=1",)),
+    "long-s3": (LONG, ("-DEB_PREFILL_STAGES=3",)),  # a third K/V stage, at one CTA per SM
+    # 8 warps x 64 keys, the long-query shape until the fourteenth session (one CTA per SM).
+    "8w-kv64": (prefill.TileShape(8, 64), ()),
     # The running max moves on every increase (the twelfth session's kernel) instead of past a slack of 8.
     "short-slack0": (SHORT, ("-DEB_PREFILL_RESCALE_SLACK=0",)),
     "long-slack0": (LONG, ("-DEB_PREFILL_RESCALE_SLACK=0",)),
-    # Divisions by the group size the other way round: integer division on the short shape, multiply-high by
-    # a magic number on the long one.
+    # Integer division by the group size instead of multiply-high by its magic number.
     "short-div": (SHORT, ("-DEB_PREFILL_HW_DIVISION=1",)),
-    "long-magic": (LONG, ("-DEB_PREFILL_HW_DIVISION=0",)),
+    "long-div": (LONG, ("-DEB_PREFILL_HW_DIVISION=1",)),
     "short-again": (SHORT, ()),  # run-to-run noise: the same build timed again
 }
 _default_spec = prefill.kernel_spec

@@ -71,11 +71,12 @@ constexpr bool kLazyRescale = EB_PREFILL_LAZY_RESCALE;
 constexpr float kRescaleSlack = EB_PREFILL_RESCALE_SLACK;
 // On the tile that crosses the causal diagonal, a warp skips the MMAs of 16-key chunks that lie
 // wholly past its own rows' last position: a warp holds kWarpRows / group query positions, the tile
-// kN keys, so much of the diagonal tile is invisible to most warps. Measured side by side
-// (results/prefill-experiment-h200.json): +2-3 % with 64-key tiles, 1-3 % slower with 32-key tiles,
-// whose diagonal tile holds only two chunks, so the skip does not pay for its branches there.
+// kN keys, so much of the diagonal tile is invisible to most warps. Measured side by side: +2-3 % with
+// 8 warps x 64 keys (results/prefill-experiment-h200.json), slower with 32-key tiles (1-3 %, their diagonal
+// tile holds only two chunks) and with 4 warps x 64 keys (up to 4 %, results/prefill-h200-s14/), where the
+// branches cost more than the MMAs they skip.
 #ifndef EB_PREFILL_SKIP_MASKED_KEYS
-#define EB_PREFILL_SKIP_MASKED_KEYS (kN >= 64)
+#define EB_PREFILL_SKIP_MASKED_KEYS (kN >= 64 && kWarps >= 8)
 #endif
 constexpr bool kSkipMaskedKeys = EB_PREFILL_SKIP_MASKED_KEYS;
 constexpr int kSmemBytes = smem_bytes(kStages);
@@ -90,11 +91,11 @@ struct Tile {
 };
 
 // n / d and n % d for 0 <= n < 2^31: packed query rows -> (token, head of the group). By the divisor's magic
-// number (see Divisor) where that measured faster: the short shape, whose per-tile setup weighs most (+3-7 %
-// on every benchmark shape, results/prefill-h200-s13/); the long shape's loop spilled more registers with it
-// (12 spill loads instead of 4) and ran 1.3-3.7 % slower, so it keeps the integer division.
+// number (see Divisor) where that measured faster: 4-warp CTAs (+3-7 % with 32-key tiles,
+// results/prefill-h200-s13/; +2-4 % with 64-key tiles, results/prefill-h200-s14/); the 8-warp shape's loop
+// spilled more registers with it and ran 1-4 % slower on long queries, so it keeps the integer division.
 #ifndef EB_PREFILL_HW_DIVISION
-#define EB_PREFILL_HW_DIVISION (kN >= 64)
+#define EB_PREFILL_HW_DIVISION (kWarps >= 8)
 #endif
 constexpr bool kHwDivision = EB_PREFILL_HW_DIVISION;
 EB_DEVICE int div_by(const Divisor& d, int n) {
