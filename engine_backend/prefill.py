@@ -67,8 +67,9 @@ def tile_shapes(head_dim: int) -> tuple[TileShape, TileShape]:
 
 def pick_tile(short: TileShape, long: TileShape, num_tokens: int | None, rows: int) -> TileShape:
     """The tile shape a plan of ``num_tokens`` queries over ``rows`` requests runs. Unknown counts
-    take the long shape: measured (results/prefill-h200.json), it loses less on short queries (8 % at
-    64 x 256) than the short shape does on long ones (about 9 % from 4 x 4096 up and on the append)."""
+    take the long shape: measured (results/prefill-h200-s14/final-h100-prefill-exp.log), it loses less on
+    short queries (4 % at 64 x 256) than the short shape does on long ones (3-6 % from 16 x 1024 up and on
+    the append)."""
     return long if num_tokens is None or num_tokens >= LONG_QUERY_TOKENS * max(1, rows) else short
 
 

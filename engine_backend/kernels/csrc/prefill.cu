@@ -137,7 +137,7 @@ EB_DEVICE uint64_t mad_wide(uint32_t a, uint32_t b, uint64_t c) {
 }
 
 // Packed query rows -> shared memory (zeros past the tile's rows). A thread's rows are kRowStep apart, so
-// its (token, head) advances by a fixed step: one division per thread, not two per row.
+// its (token, head) advances by a fixed step: two divisions per thread, not two per 16-byte chunk.
 EB_DEVICE void issue_q(const PrefillParams& p, const Tile& tl, uint8_t* sq, int kv_head, const Divisor& group) {
   const uint32_t base = smem_addr(sq);
   const int c = threadIdx.x % kChunks, r_first = threadIdx.x / kChunks;
