@@ -59,6 +59,23 @@ template <> EB_DEVICE void mma_16816<half>(float* d, const uint32_t* a, const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// Row sums of a 16x16 A operand (16-bit values), added to this lane's two rows: lo (row lane / 4) and hi (row
+// lane / 4 + 8). One MMA against a matrix of ones, whose product holds the sum of a row in every column, instead
+// of 8 adds per lane and a quad reduction; the other two outputs are scratch. one_pair: 1.0 twice, as T pairs.
+template <typename T> EB_DEVICE void mma_rowsum(float& lo, float& hi, const uint32_t* a);
+#define EB_MMA_ROWSUM(TYPE, PTX_TYPE, ONE_PAIR)                                                                  \
+  template <> EB_DEVICE void mma_rowsum<TYPE>(float& lo, float& hi, const uint32_t* a) {                          \
+    asm volatile(                                                                                                 \
+        "{\n.reg .f32 scratch0, scratch1;\n"                                                                     \
+        "mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE ".f32 {%0, scratch0, %1, scratch1}, "      \
+        "{%2, %3, %4, %5}, {%6, %6}, {%0, %0, %1, %1};\n}\n"                                                     \
+        : "+f"(lo), "+f"(hi)                                                                                      \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(ONE_PAIR));                                            \
+  }
+EB_MMA_ROWSUM(__nv_bfloat16, "bf16", 0x3F803F80u)
+EB_MMA_ROWSUM(half, "f16", 0x3C003C00u)
+#undef EB_MMA_ROWSUM
+
 // Two floats packed as one 32-bit register of T pairs (an MMA operand).
 template <typename T> EB_DEVICE uint32_t pack2(float lo, float hi) {
   typename Elem<T>::Pair p = Elem<T>::from_float2(lo, hi);

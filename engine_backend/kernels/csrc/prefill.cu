@@ -79,6 +79,14 @@ constexpr float kRescaleSlack = EB_PREFILL_RESCALE_SLACK;
 #define EB_PREFILL_SKIP_MASKED_KEYS (kN >= 64 && kWarps >= 8)
 #endif
 constexpr bool kSkipMaskedKeys = EB_PREFILL_SKIP_MASKED_KEYS;
+// Row sums of P by a tensor-core MMA against ones (mma_rowsum), from the same bf16/fp16 P that P V uses,
+// instead of one FP32 add per probability and a quad reduction at the end (l[] then holds whole rows, not a
+// lane's share). Measured side by side (results/prefill-h200-s15/run1-prefill-exp.log, `long-idscalar` vs
+// `base-exp.log`): +1-4 % with 64-key tiles, whose loop no longer spills, and no change with 32-key tiles.
+#ifndef EB_PREFILL_MMA_ROWSUM
+#define EB_PREFILL_MMA_ROWSUM 1
+#endif
+constexpr bool kMmaRowSum = EB_PREFILL_MMA_ROWSUM;
 constexpr int kSmemBytes = smem_bytes(kStages);
 static_assert(kStages <= 3, "page-id slots: tiles in flight plus the next fit in two");
 constexpr int kMinBlocks = kWarps == 4 && 2 * kSmemBytes <= kSmemPerSm ? 2 : 1;
@@ -330,9 +338,9 @@ EB_DEVICE void softmax_pv(const PrefillParams& p, const Tile& tl, const LaneRows
     for (int n = 0; n < kN / 8; ++n) {
       s[mi][n][2 * h] = fast_exp2(fmaf(s[mi][n][2 * h], unit, -base));
       s[mi][n][2 * h + 1] = fast_exp2(fmaf(s[mi][n][2 * h + 1], unit, -base));
-      sum += s[mi][n][2 * h] + s[mi][n][2 * h + 1];
+      if constexpr (!kMmaRowSum) sum += s[mi][n][2 * h] + s[mi][n][2 * h + 1];
     }
-    l[r] = l[r] * rescale[r] + sum;
+    l[r] = l[r] * rescale[r] + sum;  // with kMmaRowSum, P V's MMAs add the tile's sum
   }
   if (!kLazyRescale || __any_sync(0xffffffff, max_moved)) {
 #pragma unroll
@@ -357,6 +365,7 @@ EB_DEVICE void softmax_pv(const PrefillParams& p, const Tile& tl, const LaneRows
       pa[mi][1] = pack2<T>(s[mi][2 * kt][2], s[mi][2 * kt][3]);
       pa[mi][2] = pack2<T>(s[mi][2 * kt + 1][0], s[mi][2 * kt + 1][1]);
       pa[mi][3] = pack2<T>(s[mi][2 * kt + 1][2], s[mi][2 * kt + 1][3]);
+      if constexpr (kMmaRowSum) mma_rowsum<T>(l[2 * mi], l[2 * mi + 1], pa[mi]);
     }
 #pragma unroll
     for (int dt2 = 0; dt2 < D / 16; ++dt2) {
@@ -428,7 +437,7 @@ EB_DEVICE void store_rows(const PrefillParams& p, const Tile& tl, const LaneRows
                           int warp, int lane) {
   float sum[kLaneRows];
 #pragma unroll
-  for (int r = 0; r < kLaneRows; ++r) sum[r] = quad_sum(l[r]);
+  for (int r = 0; r < kLaneRows; ++r) sum[r] = kMmaRowSum ? l[r] : quad_sum(l[r]);  // MMA sums are whole rows
 #pragma unroll
   for (int r = 0; r < kLaneRows; ++r) {
     if (!lr.valid[r]) continue;
