@@ -16,9 +16,9 @@ with its request's numbers, in a buffer this object owns; ``run`` launches one C
 (query tile, KV head) on a grid sized from the host-known token count, so it can be captured
 in a CUDA graph and replayed for any batch of at most that many tokens.
 
-Tile shape per plan: batches of long queries run on larger CTAs (8 warps, 64-key tiles: each K/V
-tile loaded serves twice the query rows), short ones on smaller (4 warps, 32-key tiles: less of
-each tile lies past the causal diagonal, more CTAs). ``plan(kv, num_tokens=...)`` picks from the
+Tile shape per plan: batches of long queries run on 64-key K/V tiles (fewer softmax steps per
+key), short ones on 32-key tiles (less of each tile lies past the causal diagonal), both on CTAs
+of 4 warps, two per SM. ``plan(kv, num_tokens=...)`` picks from the
 host-known query count (the long shape if it is not given); both kernels are loaded when the
 wrapper is made, so the first long batch does not wait for a JIT build. A CUDA graph replays the
 kernel of the plan it was captured after, so plans before its replays must pick the same shape
@@ -52,8 +52,8 @@ class TileShape:
 # Measured side by side (scripts/prefill_experiment.py, results/prefill-h200-s14/, bf16, Hq=32, Hkv=8,
 # D=128): 4 warps x 64 keys (two CTAs per SM, FlashInfer fa2's shape) from 1024 query tokens per request up
 # and on 512-token appends onto long caches (on par with or up to 3 % ahead of 8 warps x 64 keys, one CTA
-# per SM), 4 warps x 32 keys on 256-token prefills (1-3 % ahead). Other head dims keep the one shape they
-# were tuned with.
+# per SM), 4 warps x 32 keys on 256-token prefills (1-3 % ahead; even with the long shape since the row sums
+# went to the tensor cores, results/prefill-h200-s15/). Other head dims keep the one shape they were tuned with.
 _SHAPES = {128: (TileShape(4, 32), TileShape(4, 64))}
 LONG_QUERY_TOKENS = 512  # mean query tokens per request from which a plan takes the long shape
 
