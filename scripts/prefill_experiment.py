@@ -45,8 +45,9 @@ CONFIGS = {
     # Integer division by the group size instead of multiply-high by its magic number.
     "short-div": (SHORT, ("-DEB_PREFILL_HW_DIVISION=1",)),
     "long-div": (LONG, ("-DEB_PREFILL_HW_DIVISION=1",)),
-    # Row sums by FP32 adds (the fourteenth session's kernel) instead of an MMA against ones.
-    "short-addsum": (SHORT, ("-DEB_PREFILL_MMA_ROWSUM=0",)),
+    # Row sums by an MMA against ones on 32-key tiles too; by FP32 adds (the fourteenth session's kernel) on
+    # 64-key tiles.
+    "short-mmasum": (SHORT, ("-DEB_PREFILL_MMA_ROWSUM=1",)),
     "long-addsum": (LONG, ("-DEB_PREFILL_MMA_ROWSUM=0",)),
     "short-again": (SHORT, ()),  # run-to-run noise: the same build timed again
 }

@@ -81,10 +81,11 @@ constexpr float kRescaleSlack = EB_PREFILL_RESCALE_SLACK;
 constexpr bool kSkipMaskedKeys = EB_PREFILL_SKIP_MASKED_KEYS;
 // Row sums of P by a tensor-core MMA against ones (mma_rowsum), from the same bf16/fp16 P that P V uses,
 // instead of one FP32 add per probability and a quad reduction at the end (l[] then holds whole rows, not a
-// lane's share). Measured side by side (results/prefill-h200-s15/run1-prefill-exp.log, `long-idscalar` vs
-// `base-exp.log`): +1-4 % with 64-key tiles, whose loop no longer spills, and no change with 32-key tiles.
+// lane's share). Measured side by side (results/prefill-h200-s15/, run1 `long-idscalar` vs `base-exp.log`,
+// run6 `long` vs `long-addsum`): +1-11 % with 64-key tiles, whose loop no longer spills; with 32-key tiles
+// no change in one run, 1-3 % slower on most shapes in the other, so they keep the adds.
 #ifndef EB_PREFILL_MMA_ROWSUM
-#define EB_PREFILL_MMA_ROWSUM 1
+#define EB_PREFILL_MMA_ROWSUM (kN >= 64)
 #endif
 constexpr bool kMmaRowSum = EB_PREFILL_MMA_ROWSUM;
 constexpr int kSmemBytes = smem_bytes(kStages);
