@@ -5,7 +5,8 @@ append case (8 requests x 512 new tokens onto 8192 cached, paged) vs FlashInfer'
     python benchmarks/bench_prefill.py [--no-peer] [--tiles] [--out results.json]
 
 "ours" is BatchPrefill as the engines run it: the plan picks its tile shape from the query count.
-``--tiles`` also times the short- and long-query shapes fixed, on every case.
+``--tiles`` also times the short- and long-query shapes fixed, on every case (on Hopper those of both
+mainloops: "short"/"long" are the arch's, "mma_short"/"mma_long" the mma.sync ones every sm80+ GPU runs).
 
 Causal FLOPs (issue #3 convention): 2 * B * Hq * D * L^2 for a batch of B requests of L tokens.
 """
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.ceilings import gemm_rate  # noqa: E402
 from benchmarks.timing import time_cuda  # noqa: E402
 from engine_backend import BSR  # noqa: E402
+from engine_backend.kernels import jit  # noqa: E402
 from engine_backend.prefill import BatchPrefill, tile_shapes  # noqa: E402
 
 HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
@@ -52,9 +54,13 @@ def time_ours(q, k, v, bsr, page, tile=None):
 def ours_variants(q, k, v, bsr, page, with_tiles: bool) -> tuple[dict, torch.Tensor]:
     """Microseconds of ours (the plan's choice) and, with_tiles, of each fixed shape; and our output."""
     t, out, tile = time_ours(q, k, v, bsr, page)
-    result = {"ours_us": t.median_ms * 1e3, "ours_tile": f"{tile.warps} warps x {tile.kv_tile} keys"}
+    result = {"ours_us": t.median_ms * 1e3, "ours_tile": f"{tile.warps} warps x {tile.kv_tile} keys, {tile.mainloop}"}
     if with_tiles:
-        for name, shape in zip(("short", "long"), tile_shapes(D)):
+        arch = jit.target_arch()
+        shapes = dict(zip(("short", "long"), tile_shapes(D, arch)))
+        if tile_shapes(D, arch) != tile_shapes(D):
+            shapes.update(zip(("mma_short", "mma_long"), tile_shapes(D)))
+        for name, shape in shapes.items():
             result[f"ours_{name}_us"] = time_ours(q, k, v, bsr, page, shape)[0].median_ms * 1e3
     return result, out
 

@@ -18,7 +18,9 @@ in a CUDA graph and replayed for any batch of at most that many tokens.
 
 Tile shape per plan: batches of long queries run on 64-key K/V tiles (fewer softmax steps per
 key), short ones on 32-key tiles (less of each tile lies past the causal diagonal), both on CTAs
-of 4 warps, two per SM. ``plan(kv, num_tokens=...)`` picks from the
+of 4 warps, two per SM. Two mainloops share the planner, loads, masks, softmax and epilogue: mma.sync
+(sm80 and later) and, on Hopper (sm_90a), warpgroup MMAs (wgmma: S and P V of a warpgroup's 64 rows
+per instruction, operands straight from shared memory); ``TileShape.mainloop`` names it. ``plan(kv, num_tokens=...)`` picks from the
 host-known query count (the long shape if it is not given); both kernels are loaded when the
 wrapper is made, so the first long batch does not wait for a JIT build. A CUDA graph replays the
 kernel of the plan it was captured after, so plans before its replays must pick the same shape
@@ -40,13 +42,25 @@ from .support import check_supported
 from .variants import DEFAULT, Variant
 
 
+MAINLOOPS = ("mma", "wgmma")
+
+
 @dataclass(frozen=True)
 class TileShape:
     """A CTA's shape: ``warps`` of 32 packed query rows each (16 at head dim 256) against K/V tiles
-    of ``kv_tile`` tokens."""
+    of ``kv_tile`` tokens, on the ``mainloop`` "mma" (mma.sync tensor cores, sm80 and later), or
+    "wgmma" (Hopper warpgroup MMAs, sm_90a only: groups of 4 warps own 64 rows, head dim 64 or 128,
+    64- or 128-key tiles)."""
 
     warps: int
     kv_tile: int
+    mainloop: str = "mma"
+
+    def __post_init__(self):
+        if self.mainloop not in MAINLOOPS:
+            raise ValueError(f"mainloop must be one of {MAINLOOPS}, got {self.mainloop!r}")
+        if self.mainloop == "wgmma" and (self.warps % 4 or self.kv_tile not in (64, 128)):
+            raise ValueError(f"a wgmma tile needs whole warpgroups and 64 or 128 keys, got {self}")
 
 
 # Measured side by side (scripts/prefill_experiment.py, results/prefill-h200-s14/, bf16, Hq=32, Hkv=8,
@@ -58,11 +72,26 @@ _SHAPES = {128: (TileShape(4, 32), TileShape(4, 64))}
 LONG_QUERY_TOKENS = 512  # mean query tokens per request from which a plan takes the long shape
 
 
-def tile_shapes(head_dim: int) -> tuple[TileShape, TileShape]:
-    """(short-query, long-query) tile shapes for ``head_dim``; the same one twice where only one
-    is tuned."""
+_HOPPER_SHAPES: dict[int, tuple[TileShape, TileShape]] = {}
+
+
+def tile_shapes(head_dim: int, arch: str | None = None) -> tuple[TileShape, TileShape]:
+    """(short-query, long-query) tile shapes for ``head_dim`` on target ``arch`` (e.g. "90a"; None:
+    the mma.sync shapes every sm80+ GPU runs); the same one twice where only one is tuned."""
+    if arch == "90a" and head_dim in _HOPPER_SHAPES:
+        return _HOPPER_SHAPES[head_dim]
     one = TileShape(4, 32 if head_dim == 256 else 64)
     return _SHAPES.get(head_dim, (one, one))
+
+
+def check_tile(tile: TileShape, head_dim: int, arch: str) -> None:
+    """Refuse, before any build, a tile shape the target cannot run."""
+    if tile.mainloop != "wgmma":
+        return
+    if arch != "90a":
+        raise ValueError(f"{tile} runs on Hopper only (target sm_90a), not on sm_{arch}")
+    if head_dim not in (64, 128):
+        raise ValueError(f"{tile} supports head dims 64 and 128, not {head_dim}")
 
 
 def pick_tile(short: TileShape, long: TileShape, num_tokens: int | None, rows: int) -> TileShape:
@@ -76,7 +105,7 @@ def pick_tile(short: TileShape, long: TileShape, num_tokens: int | None, rows: i
 def kernel_spec(dtype: torch.dtype, head_dim: int, variant: Variant, tile: TileShape | None = None) -> jit.KernelSpec:
     tile = tile or tile_shapes(head_dim)[0]
     params = dict(dtype_params(dtype), HEAD_DIM=head_dim, WARPS=tile.warps, KV_TILE=tile.kv_tile,
-                  **variant.template_args())
+                  WGMMA=int(tile.mainloop == "wgmma"), **variant.template_args())
     return jit.KernelSpec.make("prefill", ("prefill.cu", "prefill_ops.cpp"), params)
 
 
@@ -110,7 +139,10 @@ class BatchPrefill:
         if not self.sm_scale > 0:  # the kernel folds the scale into exp2 after a max of raw scores
             raise ValueError(f"sm_scale must be positive, got {self.sm_scale}")
         self.device = _cuda_device(device)
-        self.short_tile, self.long_tile = (tile, tile) if tile else tile_shapes(head_dim)
+        arch = jit.target_arch()
+        self.short_tile, self.long_tile = (tile, tile) if tile else tile_shapes(head_dim, arch)
+        for shape in (self.short_tile, self.long_tile):
+            check_tile(shape, head_dim, arch)
         self._kernels = {shape: jit.load(kernel_spec(dtype, head_dim, variant, shape))
                          for shape in (self.short_tile, self.long_tile)}
         self._tile_rows = {shape: int(ops.tile_rows()) for shape, ops in self._kernels.items()}

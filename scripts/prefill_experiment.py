@@ -50,6 +50,15 @@ CONFIGS = {
     "short-mmasum": (SHORT, ("-DEB_PREFILL_MMA_ROWSUM=1",)),
     "long-addsum": (LONG, ("-DEB_PREFILL_MMA_ROWSUM=0",)),
     "short-again": (SHORT, ()),  # run-to-run noise: the same build timed again
+    # The Hopper mainloop (warpgroup MMAs, sm_90a): warps (whole warpgroups) x keys per tile; three stages and
+    # tile j's P V overlapping tile j + 1's softmax where they fit, or serial (one tile's S, softmax, P V).
+    "wg-4w-64": (prefill.TileShape(4, 64, "wgmma"), ()),
+    "wg-8w-64": (prefill.TileShape(8, 64, "wgmma"), ()),
+    "wg-8w-128": (prefill.TileShape(8, 128, "wgmma"), ()),
+    "wg-4w-128": (prefill.TileShape(4, 128, "wgmma"), ()),  # two stages: serial
+    "wg-4w-64-serial": (prefill.TileShape(4, 64, "wgmma"), ("-DEB_PREFILL_WG_OVERLAP=0",)),
+    "wg-8w-128-serial": (prefill.TileShape(8, 128, "wgmma"), ("-DEB_PREFILL_WG_OVERLAP=0",)),
+    "wg-8w-128-s2": (prefill.TileShape(8, 128, "wgmma"), ("-DEB_PREFILL_STAGES=2",)),
 }
 _default_spec = prefill.kernel_spec
 

@@ -21,7 +21,7 @@ from engine_backend.merge import merge_state, merge_states  # noqa: E402
 from engine_backend.prefill import BatchPrefill  # noqa: E402
 from paged_inputs import TOL, decode_batch, rel_err  # noqa: E402
 from test_format import token_table_case  # noqa: E402
-from test_prefill import paged_batch  # noqa: E402
+from test_prefill import like, other_mainloop_tiles, paged_batch  # noqa: E402
 
 
 def token_table_failures() -> list[str]:
@@ -61,7 +61,9 @@ def main() -> int:
 
     q, k, v, bsr = paged_batch([3, 70], [40, 70], 16, 8, 2, 128, torch.bfloat16)
     pre = BatchPrefill(8, 2, 128, 16, max_batch_size=2, max_num_tokens=128)
-    for num_tokens in (0, None):  # the short-query tile shape, then the long-query one
+    runs = [(pre, 0), (pre, None)]  # the short-query tile shape, then the long-query one
+    runs += [(like(pre, tile), None) for tile in other_mainloop_tiles(pre)]  # on Hopper, the other mainloop too
+    for pre, num_tokens in runs:
         pre.plan(bsr, num_tokens=num_tokens)
         out = pre.run(q, k, v)
         if rel_err(out, reference.attention(q, k, v, bsr, causal=True)[0]) > TOL[torch.bfloat16]:

@@ -9,7 +9,8 @@ import torch
 
 from engine_backend import reference
 from engine_backend.format import BSR
-from engine_backend.prefill import LONG_QUERY_TOKENS, BatchPrefill, TileShape
+from engine_backend.kernels import jit
+from engine_backend.prefill import LONG_QUERY_TOKENS, BatchPrefill, TileShape, tile_shapes
 from engine_backend.variants import Variant
 
 from paged_inputs import TOL, layout_kv, poisoned_like, rel_err, scattered_block_table
@@ -17,6 +18,17 @@ from paged_inputs import TOL, layout_kv, poisoned_like, rel_err, scattered_block
 pytestmark = pytest.mark.gpu
 
 HEADS = [(32, 8), (32, 4), (8, 8), (16, 1)]
+# Hopper's warpgroup-MMA mainloop: one CTA shape per warpgroup count and K/V tile length.
+WGMMA_TILES = (TileShape(4, 64, "wgmma"), TileShape(8, 128, "wgmma"))
+
+
+def other_mainloop_tiles(pre: BatchPrefill) -> list[TileShape]:
+    """On an sm_90a target, the shapes of the mainloop ``pre``'s plans do not pick (mma.sync, or wgmma), so
+    every kernel the GPU can run is checked; elsewhere none."""
+    if jit.target_arch() != "90a" or pre.head_dim not in (64, 128):
+        return []
+    shapes = {*tile_shapes(pre.head_dim), *tile_shapes(pre.head_dim, "90a"), *WGMMA_TILES}
+    return sorted(shapes - {pre.short_tile, pre.long_tile}, key=str)
 
 
 def paged_batch(q_lens, kv_lens, page_size, hq, hkv, dim, dtype, layout="vllm"):
@@ -28,12 +40,20 @@ def paged_batch(q_lens, kv_lens, page_size, hq, hkv, dim, dtype, layout="vllm"):
     return q, k, v, bsr
 
 
+def like(pre: BatchPrefill, tile: TileShape) -> BatchPrefill:
+    return BatchPrefill(pre.num_qo_heads, pre.num_kv_heads, pre.head_dim, pre.page_size, dtype=pre.dtype,
+                        max_batch_size=pre.max_batch_size, max_num_tokens=pre.max_num_tokens, causal=pre.causal,
+                        variant=pre.variant, sm_scale=pre.sm_scale, tile=tile)
+
+
 def check(pre, q, k, v, bsr, causal, variant=Variant(), alibi=None):
     """Both tile shapes of ``pre`` against the reference: a plan told of no queries takes the
-    short-query shape, one told nothing the long-query shape."""
+    short-query shape, one told nothing the long-query shape; on Hopper also the other mainloop's."""
     ref, ref_lse = reference.attention(q, k, v, bsr, causal=causal, variant=variant, alibi_slopes=alibi)
     finite = torch.isfinite(ref_lse)
-    for num_tokens, shape in ((0, pre.short_tile), (None, pre.long_tile)):
+    runs = [(pre, 0, pre.short_tile), (pre, None, pre.long_tile)]
+    runs += [(like(pre, tile), None, tile) for tile in other_mainloop_tiles(pre)]
+    for pre, num_tokens, shape in runs:
         pre.plan(bsr, num_tokens=num_tokens)
         assert pre.tile == shape
         out = poisoned_like(q)
@@ -182,7 +202,8 @@ def test_prefill_reads_a_fused_qkv_slice_in_place():
     assert strided.data_ptr() == qkv.data_ptr() and not strided.is_contiguous()
     ref, _ = reference.attention(q, k, v, bsr, causal=True)
     pre = BatchPrefill(hq, hkv, dim, 1)
-    for num_tokens in (0, None):  # both tile shapes (see check)
+    runs = [(pre, 0), (pre, None)] + [(like(pre, tile), None) for tile in other_mainloop_tiles(pre)]
+    for pre, num_tokens in runs:  # every tile shape (see check)
         pre.plan(bsr, num_tokens=num_tokens)
         out = pre.run(strided, k, v, out=poisoned_like(q))
         assert rel_err(out, ref) < TOL[torch.bfloat16], pre.tile

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from engine_backend.kernels import catalog
-from engine_backend.prefill import LONG_QUERY_TOKENS, TileShape, kernel_spec, pick_tile, tile_shapes
+import pytest
+
+from engine_backend.prefill import LONG_QUERY_TOKENS, TileShape, check_tile, kernel_spec, pick_tile, tile_shapes
 from engine_backend.variants import DEFAULT
 
 SHORT, LONG = TileShape(4, 32), TileShape(4, 64)
@@ -31,3 +33,27 @@ def test_each_shape_is_its_own_specialization_and_in_the_catalog():
     assert specs <= set(catalog.default_specs(with_test_variants=False))
     params = dict(kernel_spec(torch.bfloat16, 128, DEFAULT, TileShape(8, 64)).params)
     assert (params["WARPS"], params["KV_TILE"]) == ("8", "64")
+
+
+def test_wgmma_tiles_are_checked_before_any_build():
+    with pytest.raises(ValueError, match="mainloop"):
+        TileShape(4, 64, "tma")
+    with pytest.raises(ValueError, match="whole warpgroups"):
+        TileShape(2, 64, "wgmma")
+    with pytest.raises(ValueError, match="64 or 128 keys"):
+        TileShape(4, 32, "wgmma")
+    hopper = TileShape(4, 64, "wgmma")
+    check_tile(hopper, 128, "90a")
+    with pytest.raises(ValueError, match="Hopper only .* not on sm_80"):
+        check_tile(hopper, 128, "80")
+    with pytest.raises(ValueError, match="head dims 64 and 128, not 256"):
+        check_tile(hopper, 256, "90a")
+    check_tile(TileShape(4, 64), 256, "80")  # mma.sync runs anywhere
+
+
+def test_mainloop_is_a_template_parameter():
+    mma = dict(kernel_spec(torch.bfloat16, 128, DEFAULT, TileShape(4, 64)).params)
+    wgmma = dict(kernel_spec(torch.bfloat16, 128, DEFAULT, TileShape(4, 64, "wgmma")).params)
+    assert (mma["WGMMA"], wgmma["WGMMA"]) == ("0", "1")
+    for dim in (64, 128, 256):
+        assert all(shape.mainloop == "mma" for shape in tile_shapes(dim))  # no arch: what every sm80+ GPU runs

@@ -17,12 +17,22 @@ def merge_spec(dtype: torch.dtype) -> jit.KernelSpec:
     return jit.KernelSpec.make("merge_state", ("merge_state.cu", "merge_state_ops.cpp"), dtype_params(dtype))
 
 
-def default_specs(with_test_variants: bool = True) -> list[jit.KernelSpec]:
+def _target_arch(arch: str | None) -> str | None:
+    try:
+        return jit.target_arch(arch)
+    except jit.JitBuildError:  # no GPU and no arch given: the shapes every arch runs
+        return None
+
+
+def default_specs(with_test_variants: bool = True, arch: str | None = None) -> list[jit.KernelSpec]:
+    """For ``arch`` (default: jit's target arch, if one is known): prefill tile shapes are per arch."""
     from ..decode import kernel_spec as decode_spec
     from ..prefill import kernel_spec as prefill_spec, tile_shapes
 
+    arch = _target_arch(arch)
+
     def prefill_specs(dtype, dim, variant):  # a BatchPrefill loads one kernel per tile shape
-        return [prefill_spec(dtype, dim, variant, tile) for tile in dict.fromkeys(tile_shapes(dim))]
+        return [prefill_spec(dtype, dim, variant, tile) for tile in dict.fromkeys(tile_shapes(dim, arch))]
 
     from ..token_table import SPEC as token_table_spec
 
@@ -38,7 +48,7 @@ def default_specs(with_test_variants: bool = True) -> list[jit.KernelSpec]:
 
 def prebuild(arch: str, specs: list[jit.KernelSpec] | None = None) -> list:
     """Compile every spec for ``arch`` (no GPU needed) into the JIT cache."""
-    return [jit.build(spec, arch) for spec in (specs if specs is not None else default_specs())]
+    return [jit.build(spec, arch) for spec in (specs if specs is not None else default_specs(arch=arch))]
 
 
 if __name__ == "__main__":

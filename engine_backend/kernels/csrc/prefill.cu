@@ -2,7 +2,8 @@
 // case), FlashAttention-2 style on mma.sync tensor cores (sm80+), causal mask aligned to the end
 // of each request's KV, GQA heads packed into the query tile.
 // Template parameters: ${DTYPE}, head dim ${HEAD_DIM}, variant (${SOFT_CAP}, ${SLIDING_WINDOW}, ${ALIBI}),
-// warps per CTA ${WARPS}, KV tokens per tile ${KV_TILE} (prefill.py picks both per plan).
+// warps per CTA ${WARPS}, KV tokens per tile ${KV_TILE}, mainloop (${WGMMA}: Hopper warpgroup MMAs, else
+// mma.sync); prefill.py picks them per plan and arch.
 //
 // One CTA computes one query tile (kM packed rows = tokens x query heads of one KV head) against
 // all the KV it may see, streaming K/V tiles of kN tokens through a cp.async pipeline. Each warp
@@ -11,6 +12,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "mma.cuh"
+#include "wgmma.cuh"
 #include "prefill.h"
 #include "variant.cuh"
 
@@ -29,16 +31,28 @@ constexpr int kThreads = kWarps * 32;
 // The EB_PREFILL_* macros (MMA_M, STAGES, LAZY_RESCALE, SKIP_MASKED_KEYS) override choices for
 // experiments (scripts/prefill_experiment.py, which times them side by side); the defaults are the
 // measured best.
+// The Hopper mainloop (wgmma.cuh): each warpgroup (4 warps) runs S = Q K^T and O += P V on its 64 rows as
+// warpgroup MMAs from shared memory, a warp holding the same 16 rows and accumulator layout as one mma.sync
+// tile; loads, masks, softmax and epilogue are shared with the mma.sync path.
+#ifndef EB_PREFILL_WGMMA
+#define EB_PREFILL_WGMMA ${WGMMA}
+#endif
+constexpr bool kWgmma = EB_PREFILL_WGMMA;
 #ifndef EB_PREFILL_MMA_M
-#define EB_PREFILL_MMA_M (D <= 128 ? 2 : 1)
+#define EB_PREFILL_MMA_M (kWgmma || D > 128 ? 1 : 2)
 #endif
 constexpr int kMmaM = EB_PREFILL_MMA_M;
 constexpr int kWarpRows = 16 * kMmaM;
 constexpr int kM = kWarpRows * kWarps;  // packed query rows per tile
 // Q fragments stay in registers where they fit beside O and S; otherwise (D=128 with two MMA
 // tiles) they are re-read from shared memory at each k-step.
-constexpr bool kQInRegs = kMmaM == 1 || D <= 64;
+constexpr bool kQInRegs = !kWgmma && (kMmaM == 1 || D <= 64);
 constexpr int kN = ${KV_TILE};  // KV tokens per tile
+static_assert(!kWgmma || (kMmaM == 1 && kWarps % 4 == 0 && (D == 64 || D == 128) && (kN == 64 || kN == 128)),
+              "wgmma tiles: warpgroups of 64 rows, head dim 64 or 128, 64 or 128 keys");
+#if EB_PREFILL_WGMMA && !defined(__CUDA_ARCH_FEAT_SM90_ALL) && defined(__CUDA_ARCH__)
+#error "the wgmma mainloop needs sm_90a"
+#endif
 constexpr int kChunks = D / 8;
 constexpr int kRowBytes = D * 2;
 constexpr int kTileBytes = kN * D * 2;
@@ -47,16 +61,23 @@ constexpr int kSmemPageIds = 2 * kN * 4;
 constexpr int smem_bytes(int stages) { return kSmemQ + stages * 2 * kTileBytes + kSmemPageIds; }
 // K/V tiles in shared memory (stages - 1 in flight while one is computed): three if two CTAs
 // still fit on an SM, else two, since a second resident CTA hides more latency than a deeper
-// pipeline of one.
+// pipeline of one. wgmma tiles of 8 warps run one CTA per SM: three if they fit.
 constexpr int kSmemPerSm = 227 * 1024;
 #ifndef EB_PREFILL_STAGES
-#define EB_PREFILL_STAGES (2 * smem_bytes(3) <= kSmemPerSm ? 3 : 2)
+#define EB_PREFILL_STAGES ((kWgmma && kWarps >= 8 ? 1 : 2) * smem_bytes(3) <= kSmemPerSm ? 3 : 2)
 #endif
 #ifndef EB_PREFILL_LAZY_RESCALE
 #define EB_PREFILL_LAZY_RESCALE 1
 #endif
 
 constexpr int kStages = EB_PREFILL_STAGES;
+// With wgmma and three stages, tile j's P V runs on the tensor cores while the warps compute tile j + 1's
+// softmax (its S issued just before), K/V tiles landing one iteration earlier.
+#ifndef EB_PREFILL_WG_OVERLAP
+#define EB_PREFILL_WG_OVERLAP (kStages >= 3)
+#endif
+constexpr bool kOverlap = kWgmma && EB_PREFILL_WG_OVERLAP;
+static_assert(!kOverlap || kStages >= 3, "overlapping P V with the next softmax needs a tile landed ahead");
 // Skip the O rescale of a tile when no row max of the warp changed (most tiles after the first
 // few): a warp vote instead of D/2 multiplies per row and lane.
 constexpr bool kLazyRescale = EB_PREFILL_LAZY_RESCALE;
@@ -76,9 +97,10 @@ constexpr float kRescaleSlack = EB_PREFILL_RESCALE_SLACK;
 // tile holds only two chunks) and with 4 warps x 64 keys (up to 4 %, results/prefill-h200-s14/), where the
 // branches cost more than the MMAs they skip.
 #ifndef EB_PREFILL_SKIP_MASKED_KEYS
-#define EB_PREFILL_SKIP_MASKED_KEYS (kN >= 64 && kWarps >= 8)
+#define EB_PREFILL_SKIP_MASKED_KEYS (kN >= 64 && kWarps >= 8 && !kWgmma)
 #endif
 constexpr bool kSkipMaskedKeys = EB_PREFILL_SKIP_MASKED_KEYS;
+static_assert(!(kSkipMaskedKeys && kWgmma), "a warpgroup MMA covers the whole tile");
 // Row sums of P by a tensor-core MMA against ones (mma_rowsum), from the same bf16/fp16 P that P V uses,
 // instead of one FP32 add per probability and a quad reduction at the end (l[] then holds whole rows, not a
 // lane's share). Measured side by side (results/prefill-h200-s15/, run1 `long-idscalar` vs `base-exp.log`,
@@ -134,6 +156,12 @@ EB_DEVICE Tile tile_of(const PrefillParams& p, int4 req, int tile_idx, const Div
 // Copies of 16-byte chunks: a thread always copies the same column chunk (kThreads is a multiple of kChunks),
 // of rows kRowStep apart.
 constexpr int kRowStep = kThreads / kChunks;
+// Where chunk c of row r of a tile of kRows rows lives: the mma.sync path's rows of head_dim elements, or
+// wgmma's 64-element column blocks (wgmma.cuh).
+template <int kRows> EB_DEVICE int tile_offset(int r, int c) {
+  if constexpr (kWgmma) return wgmma_tile_offset<kRows>(r, c);
+  return swizzle<kChunks>(r, c);
+}
 static_assert(kThreads % kChunks == 0, "each thread keeps one column chunk");
 static_assert(kM % kRowStep == 0, "query rows divide evenly among threads");
 
@@ -162,7 +190,7 @@ EB_DEVICE void issue_q(const PrefillParams& p, const Tile& tl, uint8_t* sq, int 
     const int r = r_first + j * kRowStep;
     const bool valid = r < tl.rows;
     const uint64_t src = valid ? mad_wide(token, tok_bytes, mad_wide(head, head_bytes, col)) : col;  // col: a real row
-    cp_async_16(base + swizzle<kChunks>(r, c), reinterpret_cast<const void*>(src), valid);
+    cp_async_16(base + tile_offset<kM>(r, c), reinterpret_cast<const void*>(src), valid);
     token += step_tok, head += step_head;
     if (head >= g) head -= g, ++token;
   }
@@ -212,8 +240,8 @@ EB_DEVICE void issue_kv(const PrefillParams& p, const Tile& tl, const int* page_
     const bool valid = tok < tl.kv_end;
     const uint32_t in_page = uint32_t(tok) & page_mask;
     const uint32_t page = uint32_t(page_ids[r]);
-    cp_async_16(kb + swizzle<kChunks>(r, c), kcol.row(page, in_page), valid);
-    cp_async_16(vb + swizzle<kChunks>(r, c), vcol.row(page, in_page), valid);
+    cp_async_16(kb + tile_offset<kN>(r, c), kcol.row(page, in_page), valid);
+    cp_async_16(vb + tile_offset<kN>(r, c), vcol.row(page, in_page), valid);
   }
 }
 
@@ -292,14 +320,38 @@ EB_DEVICE void qk(Scores& s, const QFrags& qf, uint32_t kbase, int lane, int chu
   }
 }
 
-// The rest of one K/V tile for the warp's rows, given S: the variant's scores (masked only on
-// tiles that cross the causal diagonal, the KV end or the window edge: kMask), online softmax,
-// O += P V. Two specializations keep the mask's per-element code out of the common, unmasked
-// tiles.
+// S = Q K^T for the warpgroup's 64 rows as D / 16 warpgroup MMAs; q_rows: the warpgroup's first row of the Q
+// tile (each of its 64-column blocks holds kM rows), kbase: the K tile.
+// (Templates, so the mma.sync builds never instantiate them.)
+template <int kKeys>
+EB_DEVICE void qk_wgmma_issue(float (&s)[kKeys / 8][4], uint32_t q_rows, uint32_t kbase) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t col = (kk / 4) * 128, step = (kk % 4) * 32;  // 64-column block, 16-column step in it
+    const uint64_t a = wgmma_desc(q_rows + col * kM + step, 16, 1024), b = wgmma_desc(kbase + col * kKeys + step, 16, 1024);
+    if (kk == 0) {
+      Wgmma<T, kKeys>::ss_first(s, a, b);
+    } else {
+      Wgmma<T, kKeys>::ss(s, a, b);
+    }
+  }
+  wgmma_commit();
+}
+template <int kKeys>
+EB_DEVICE void qk_wgmma(float (&s)[kKeys / 8][4], uint32_t q_rows, uint32_t kbase) {
+  wgmma_fence();
+  qk_wgmma_issue<kKeys>(s, q_rows, kbase);
+  wgmma_wait<0>();
+  fence_accumulators(s);
+}
+
+// The online softmax of one K/V tile for the warp's rows, given S: the variant's scores (masked only on
+// tiles that cross the causal diagonal, the KV end or the window edge: kMask), the running max, P in s, l
+// rescaled; returns whether O must be rescaled too (by `rescale`, see rescale_o). Two specializations keep
+// the mask's per-element code out of the common, unmasked tiles.
 template <bool kMask>
-EB_DEVICE void softmax_pv(const PrefillParams& p, const Tile& tl, const LaneRows& lr, Scores& s,
-                          float (&o)[kMmaM][D / 8][4], float (&m)[kLaneRows], float (&l)[kLaneRows], uint32_t vbase,
-                          int first, int lane, int chunks) {
+EB_DEVICE bool softmax(const PrefillParams& p, const Tile& tl, const LaneRows& lr, Scores& s, float (&m)[kLaneRows],
+                       float (&l)[kLaneRows], float (&rescale)[kLaneRows], int first, int lane) {
   float row_max[kLaneRows];
 #pragma unroll
   for (int r = 0; r < kLaneRows; ++r) row_max[r] = -CUDART_INF_F;
@@ -318,7 +370,6 @@ EB_DEVICE void softmax_pv(const PrefillParams& p, const Tile& tl, const LaneRows
       }
     }
   }
-  float rescale[kLaneRows];
   bool max_moved = false;
 #pragma unroll
   for (int r = 0; r < kLaneRows; ++r) {
@@ -343,31 +394,41 @@ EB_DEVICE void softmax_pv(const PrefillParams& p, const Tile& tl, const LaneRows
     }
     l[r] = l[r] * rescale[r] + sum;  // with kMmaRowSum, P V's MMAs add the tile's sum
   }
-  if (!kLazyRescale || __any_sync(0xffffffff, max_moved)) {
+  return !kLazyRescale || __any_sync(0xffffffff, max_moved);
+}
+
+EB_DEVICE void rescale_o(float (&o)[kMmaM][D / 8][4], const float (&rescale)[kLaneRows]) {
 #pragma unroll
-    for (int mi = 0; mi < kMmaM; ++mi) {
+  for (int mi = 0; mi < kMmaM; ++mi) {
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[mi][dt][0] *= rescale[2 * mi];
-        o[mi][dt][1] *= rescale[2 * mi];
-        o[mi][dt][2] *= rescale[2 * mi + 1];
-        o[mi][dt][3] *= rescale[2 * mi + 1];
-      }
+    for (int dt = 0; dt < D / 8; ++dt) {
+      o[mi][dt][0] *= rescale[2 * mi];
+      o[mi][dt][1] *= rescale[2 * mi];
+      o[mi][dt][2] *= rescale[2 * mi + 1];
+      o[mi][dt][3] *= rescale[2 * mi + 1];
     }
   }
+}
+
+// P of 16-key chunk kt as an MMA A operand (bf16/fp16 pairs), its row sums added to l when the MMA sums them.
+EB_DEVICE void pack_p(uint32_t (&pa)[4], const float (&s)[kN / 8][4], int kt, float& l_lo, float& l_hi) {
+  pa[0] = pack2<T>(s[2 * kt][0], s[2 * kt][1]);
+  pa[1] = pack2<T>(s[2 * kt][2], s[2 * kt][3]);
+  pa[2] = pack2<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]);
+  pa[3] = pack2<T>(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+  if constexpr (kMmaRowSum) mma_rowsum<T>(l_lo, l_hi, pa);
+}
+
+// O += P V over the tile's first `chunks` 16-key chunks (P is 0 past them: masked for every row of the warp).
+EB_DEVICE void pv(const Scores& s, float (&o)[kMmaM][D / 8][4], float (&l)[kLaneRows], uint32_t vbase, int lane,
+                  int chunks) {
   const uint32_t v_lane = vbase + swizzle<kChunks>((lane % 8) + 8 * ((lane / 8) % 2), lane / 16);
 #pragma unroll
   for (int kt = 0; kt < kN / 16; ++kt) {
-    if (kt >= chunks) break;  // P is 0 there: every key of the chunk is masked for the warp's rows
+    if (kt >= chunks) break;
     uint32_t pa[kMmaM][4];
 #pragma unroll
-    for (int mi = 0; mi < kMmaM; ++mi) {
-      pa[mi][0] = pack2<T>(s[mi][2 * kt][0], s[mi][2 * kt][1]);
-      pa[mi][1] = pack2<T>(s[mi][2 * kt][2], s[mi][2 * kt][3]);
-      pa[mi][2] = pack2<T>(s[mi][2 * kt + 1][0], s[mi][2 * kt + 1][1]);
-      pa[mi][3] = pack2<T>(s[mi][2 * kt + 1][2], s[mi][2 * kt + 1][3]);
-      if constexpr (kMmaRowSum) mma_rowsum<T>(l[2 * mi], l[2 * mi + 1], pa[mi]);
-    }
+    for (int mi = 0; mi < kMmaM; ++mi) pack_p(pa[mi], s[mi], kt, l[2 * mi], l[2 * mi + 1]);
 #pragma unroll
     for (int dt2 = 0; dt2 < D / 16; ++dt2) {
       uint32_t vb[4];
@@ -381,14 +442,59 @@ EB_DEVICE void softmax_pv(const PrefillParams& p, const Tile& tl, const LaneRows
   }
 }
 
-// One K/V tile: its S, then the softmax and P V, over its first `chunks` 16-key chunks.
+// O += P V for the warpgroup's rows as kN / 16 warpgroup MMAs, P from registers, V (MN-major) from shared memory.
+using PFrags = uint32_t[kN / 16][4];  // P of a tile as wgmma A operands
+
+EB_DEVICE void pack_p_all(PFrags& pa, const Scores& s, float (&l)[kLaneRows]) {
+#pragma unroll
+  for (int kt = 0; kt < kN / 16; ++kt) pack_p(pa[kt], s[0], kt, l[0], l[1]);
+}
+template <int kDim>
+EB_DEVICE void pv_wgmma_issue(float (&o)[kDim / 8][4], const PFrags& pa, uint32_t vbase) {
+#pragma unroll
+  for (int kt = 0; kt < kN / 16; ++kt) {
+    Wgmma<T, kDim>::rs_mn(o, pa[kt], wgmma_desc(vbase + kt * 16 * 128, kN * 128, 1024));
+  }
+  wgmma_commit();
+}
+// The A registers of an in-flight wgmma must keep their values until its wait: kept live past it.
+EB_DEVICE void fence_p(PFrags& pa) {
+#pragma unroll
+  for (int kt = 0; kt < kN / 16; ++kt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(pa[kt][i])::"memory");
+}
+template <int kDim>
+EB_DEVICE void pv_wgmma(const Scores& s, float (&o)[kDim / 8][4], float (&l)[kLaneRows], uint32_t vbase) {
+  PFrags pa;
+  pack_p_all(pa, s, l);
+  wgmma_fence();
+  pv_wgmma_issue<kDim>(o, pa, vbase);
+  wgmma_wait<0>();
+  fence_accumulators(o);
+  fence_p(pa);
+}
+
+// One K/V tile: its S, then the softmax and P V, over its first `chunks` 16-key chunks. q_rows: the
+// warpgroup's Q rows (wgmma).
 template <bool kMask>
 EB_DEVICE void attend_tile(const PrefillParams& p, const Tile& tl, const LaneRows& lr, const QFrags& qf,
-                           float (&o)[kMmaM][D / 8][4], float (&m)[kLaneRows], float (&l)[kLaneRows],
-                           uint32_t kbase, uint32_t vbase, int first, int lane, int chunks = kN / 16) {
+                           uint32_t q_rows, float (&o)[kMmaM][D / 8][4], float (&m)[kLaneRows],
+                           float (&l)[kLaneRows], uint32_t kbase, uint32_t vbase, int first, int lane,
+                           int chunks = kN / 16) {
   Scores s;
-  qk(s, qf, kbase, lane, chunks);
-  softmax_pv<kMask>(p, tl, lr, s, o, m, l, vbase, first, lane, chunks);
+  float rescale[kLaneRows];
+  if constexpr (kWgmma) {
+    qk_wgmma<kN>(s[0], q_rows, kbase);
+  } else {
+    qk(s, qf, kbase, lane, chunks);
+  }
+  if (softmax<kMask>(p, tl, lr, s, m, l, rescale, first, lane)) rescale_o(o, rescale);
+  if constexpr (kWgmma) {
+    pv_wgmma<D>(s, o[0], l, vbase);
+  } else {
+    pv(s, o, l, vbase, lane, chunks);
+  }
 }
 
 // The lane's rows of a tile: position, head and the variant's per-row constants.
@@ -519,30 +625,82 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const Pre
   __syncthreads();  // ... and every thread is done reading the prologue's page-id slots
   if (tid < kN) slot(kStages - 1)[tid] = next_page;
   QFrags qf;
-  qf.init(smem_addr(sq), warp, lane);
+  if constexpr (!kWgmma) qf.init(smem_addr(sq), warp, lane);
+  const uint32_t q_rows = smem_addr(sq) + (warp / 4) * 64 * 128;  // wgmma: the warpgroup's rows
 
   float o[kMmaM][D / 8][4], m[kLaneRows], l[kLaneRows];
   zero_state(o, m, l);
   const KeyBounds kb(p, tl, group, warp);
 
-  for (int j = 0; j < n_tiles; ++j) {
-    const int stage = j % kStages;
-    const int first = tile_first(j);
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // tile j and the page ids of tile `ahead` are visible; tile j-1's stage is free
-    const int ahead = j + kStages - 1;  // loaded into the stage tile j-1 used
+  // Tile `ahead` into the stage tile ahead - kStages used, and the next tile's page ids into a register.
+  auto issue_ahead = [&](int ahead) {
     if (ahead < n_tiles) issue_kv(p, tl, slot(ahead), sk(ahead % kStages), sv(ahead % kStages), tile_first(ahead), kv_head);
     cp_async_commit();
     if (tid < kN && ahead + 1 < n_tiles) next_page = page_of(p, tl, tile_first(ahead + 1) + tid);
-
-    const uint32_t kbase = smem_addr(sk(stage)), vbase = smem_addr(sv(stage));
-    if (kb.masked(p, first)) {
-      attend_tile<true>(p, tl, lr, qf, o, m, l, kbase, vbase, first, lane, kb.chunks(first));
-    } else {
-      attend_tile<false>(p, tl, lr, qf, o, m, l, kbase, vbase, first, lane);
-    }
-    // Slot (ahead + 1) % 2 was last read issuing tile ahead - 1, before this iteration's barrier.
+  };
+  // Slot (ahead + 1) % 2 was last read issuing tile ahead - 1, before this iteration's barrier.
+  auto store_page_ids = [&](int ahead) {
     if (tid < kN) slot(ahead + 1)[tid] = next_page;
+  };
+  auto kaddr = [&](int j) { return smem_addr(sk(j % kStages)); };
+  auto vaddr = [&](int j) { return smem_addr(sv(j % kStages)); };
+
+  if constexpr (kOverlap) {
+    // Tile 0's S and softmax first; then each iteration issues S of tile j + 1 and P V of tile j, and runs tile
+    // j + 1's softmax while the P V MMAs execute.
+    Scores s;
+    PFrags pa;
+    float rescale[kLaneRows];
+    if (n_tiles > 0) {
+      cp_async_wait<kStages - 2>();
+      fence_proxy_async();
+      __syncthreads();
+      qk_wgmma<kN>(s[0], q_rows, kaddr(0));
+      kb.masked(p, tile_first(0)) ? softmax<true>(p, tl, lr, s, m, l, rescale, tile_first(0), lane)
+                                  : softmax<false>(p, tl, lr, s, m, l, rescale, tile_first(0), lane);
+      pack_p_all(pa, s, l);  // O is still 0: no rescale
+    }
+    for (int j = 0; j + 1 < n_tiles; ++j) {
+      cp_async_wait<kStages - 3>();
+      fence_proxy_async();
+      __syncthreads();  // tile j + 1 is visible; tile j - 1's stage is free
+      issue_ahead(j + kStages - 1);
+      wgmma_fence();
+      qk_wgmma_issue<kN>(s[0], q_rows, kaddr(j + 1));
+      pv_wgmma_issue<D>(o[0], pa, vaddr(j));
+      wgmma_wait<1>();
+      fence_accumulators(s[0]);
+      const int first = tile_first(j + 1);
+      const bool moved = kb.masked(p, first) ? softmax<true>(p, tl, lr, s, m, l, rescale, first, lane)
+                                             : softmax<false>(p, tl, lr, s, m, l, rescale, first, lane);
+      wgmma_wait<0>();
+      fence_accumulators(o[0]);
+      fence_p(pa);
+      if (moved) rescale_o(o, rescale);
+      pack_p_all(pa, s, l);
+      store_page_ids(j + kStages - 1);
+    }
+    if (n_tiles > 0) {  // the last tile's P V (its V landed before the last iteration)
+      wgmma_fence();
+      pv_wgmma_issue<D>(o[0], pa, vaddr(n_tiles - 1));
+      wgmma_wait<0>();
+      fence_accumulators(o[0]);
+      fence_p(pa);
+    }
+  } else {
+    for (int j = 0; j < n_tiles; ++j) {
+      const int first = tile_first(j);
+      cp_async_wait<kStages - 2>();
+      if constexpr (kWgmma) fence_proxy_async();
+      __syncthreads();  // tile j and the page ids of tile `ahead` are visible; tile j-1's stage is free
+      issue_ahead(j + kStages - 1);
+      if (kb.masked(p, first)) {
+        attend_tile<true>(p, tl, lr, qf, q_rows, o, m, l, kaddr(j), vaddr(j), first, lane, kb.chunks(first));
+      } else {
+        attend_tile<false>(p, tl, lr, qf, q_rows, o, m, l, kaddr(j), vaddr(j), first, lane);
+      }
+      store_page_ids(j + kStages - 1);
+    }
   }
   cp_async_wait<0>();
   store_rows(p, tl, lr, o, m, l, group, kv_head, warp, lane);
