@@ -46,7 +46,7 @@ def time_ours(q, k, v, bsr, page, tile=None):
     """(timing, output, tile shape the plan ran) of our prefill; ``tile`` fixes the shape."""
     pre = BatchPrefill(HQ, HKV, D, page, dtype=DTYPE, max_batch_size=bsr.num_rows, max_num_tokens=q.shape[0],
                        tile=tile)
-    pre.plan(bsr, num_tokens=q.shape[0])
+    pre.plan(bsr, num_tokens=q.shape[0], num_kv_tokens=int(bsr.kv_lens.sum()))  # both known on the host
     out = torch.empty_like(q)
     return time_cuda(lambda: pre.run(q, k, v, out=out)), out, pre.tile
 

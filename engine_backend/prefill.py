@@ -72,7 +72,14 @@ _SHAPES = {128: (TileShape(4, 32), TileShape(4, 64))}
 LONG_QUERY_TOKENS = 512  # mean query tokens per request from which a plan takes the long shape
 
 
-_HOPPER_SHAPES: dict[int, tuple[TileShape, TileShape]] = {}
+# Hopper (results/prefill-h200-s16/, H200, same shapes): the wgmma mainloop on 8 warps x 128 keys (three stages,
+# one CTA per SM) runs long requests 1.1-1.25x faster than the mma.sync shapes (and FlashInfer fa2), but short
+# ones slower (-4 % at 16 x 1024, -25 % at 64 x 256: one CTA per SM, 128-key tiles); so its plans keep the
+# mma.sync 4 warps x 64 keys below WGMMA_KV_TOKENS of KV per request.
+_HOPPER_SHAPES = {128: (TileShape(4, 64), TileShape(8, 128, "wgmma"))}
+# Mean KV tokens per request from which a Hopper plan takes the wgmma shape: measured ahead from 4096 (and on
+# 512-token appends onto 8192), behind at 1024; 2048 lies between (not measured).
+WGMMA_KV_TOKENS = 2048
 
 
 def tile_shapes(head_dim: int, arch: str | None = None) -> tuple[TileShape, TileShape]:
@@ -94,12 +101,19 @@ def check_tile(tile: TileShape, head_dim: int, arch: str) -> None:
         raise ValueError(f"{tile} supports head dims 64 and 128, not {head_dim}")
 
 
-def pick_tile(short: TileShape, long: TileShape, num_tokens: int | None, rows: int) -> TileShape:
-    """The tile shape a plan of ``num_tokens`` queries over ``rows`` requests runs. Unknown counts
-    take the long shape: measured (results/prefill-h200-s14/final-h100-prefill-exp.log), it loses less on
-    short queries (4 % at 64 x 256) than the short shape does on long ones (3-6 % from 16 x 1024 up and on
-    the append)."""
-    return long if num_tokens is None or num_tokens >= LONG_QUERY_TOKENS * max(1, rows) else short
+def pick_tile(short: TileShape, long: TileShape, num_tokens: int | None, rows: int,
+              num_kv_tokens: int | None = None) -> TileShape:
+    """The tile shape a plan of ``num_tokens`` queries over ``rows`` requests (holding ``num_kv_tokens``
+    keys, if known) runs. Unknown counts take the long shape: measured
+    (results/prefill-h200-s14/final-h100-prefill-exp.log), it loses less on short queries (4 % at 64 x 256)
+    than the short shape does on long ones (3-6 % from 16 x 1024 up and on the append). A wgmma long shape
+    goes by KV per request (queries stand in for it when the KV count is unknown: a prefill has as many)."""
+    if num_tokens is None:
+        return long
+    if long.mainloop == "wgmma":
+        work = num_kv_tokens if num_kv_tokens is not None else num_tokens
+        return long if work >= WGMMA_KV_TOKENS * max(1, rows) else short
+    return long if num_tokens >= LONG_QUERY_TOKENS * max(1, rows) else short
 
 
 def kernel_spec(dtype: torch.dtype, head_dim: int, variant: Variant, tile: TileShape | None = None) -> jit.KernelSpec:
@@ -159,12 +173,12 @@ class BatchPrefill:
         rounds its own last tile up)."""
         return -(-tokens * self.group // self._tile_rows[shape]) + rows
 
-    def plan(self, kv: BSR, *, num_tokens: int | None = None) -> None:
+    def plan(self, kv: BSR, *, num_tokens: int | None = None, num_kv_tokens: int | None = None) -> None:
         """Lay out the batch's query tiles. ``num_tokens``, the batch's query count as the caller
-        knows it on the host, picks the tile shape (short queries: the short-query shape);
-        without it the long-query shape runs."""
+        knows it on the host (and ``num_kv_tokens``, its KV count), picks the tile shape (short
+        queries: the short-query shape); without it the long-query shape runs."""
         check_plan_input(kv, max_batch_size=self.max_batch_size, page_size=self.page_size, device=self.device)
-        self.tile = pick_tile(self.short_tile, self.long_tile, num_tokens, kv.num_rows)
+        self.tile = pick_tile(self.short_tile, self.long_tile, num_tokens, kv.num_rows, num_kv_tokens)
         self._kernels[self.tile].plan(kv.qo_indptr, kv.indptr, kv.kv_lens, self._plan, self.max_batch_size,
                                       self.max_tiles, self.group)
         self._indices, self._rows = kv.indices, kv.num_rows

@@ -7,7 +7,15 @@ import torch
 from engine_backend.kernels import catalog
 import pytest
 
-from engine_backend.prefill import LONG_QUERY_TOKENS, TileShape, check_tile, kernel_spec, pick_tile, tile_shapes
+from engine_backend.prefill import (
+    LONG_QUERY_TOKENS,
+    WGMMA_KV_TOKENS,
+    TileShape,
+    check_tile,
+    kernel_spec,
+    pick_tile,
+    tile_shapes,
+)
 from engine_backend.variants import DEFAULT
 
 SHORT, LONG = TileShape(4, 32), TileShape(4, 64)
@@ -57,3 +65,17 @@ def test_mainloop_is_a_template_parameter():
     assert (mma["WGMMA"], wgmma["WGMMA"]) == ("0", "1")
     for dim in (64, 128, 256):
         assert all(shape.mainloop == "mma" for shape in tile_shapes(dim))  # no arch: what every sm80+ GPU runs
+
+
+def test_hopper_plans_take_wgmma_for_long_kv_only():
+    short, long = tile_shapes(128, "90a")
+    assert (short.mainloop, long.mainloop) == ("mma", "wgmma")
+    assert short in tile_shapes(128)  # the short one is an mma.sync shape every GPU runs
+    assert tile_shapes(256, "90a") == tile_shapes(256)  # no wgmma at head dim 256
+    per_request = WGMMA_KV_TOKENS
+    assert pick_tile(short, long, num_tokens=4 * per_request, rows=4) == long  # prefill: queries = KV
+    assert pick_tile(short, long, num_tokens=4 * per_request - 1, rows=4) == short
+    assert pick_tile(short, long, num_tokens=8 * 512, rows=8, num_kv_tokens=8 * 8704) == long  # append, long cache
+    assert pick_tile(short, long, num_tokens=16 * 1024, rows=16, num_kv_tokens=16 * 1024) == short
+    assert pick_tile(short, long, num_tokens=None, rows=4) == long  # unknown count
+    assert pick_tile(*tile_shapes(128), num_tokens=8 * 512, rows=8, num_kv_tokens=0) == tile_shapes(128)[1]
