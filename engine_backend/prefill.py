@@ -77,9 +77,10 @@ LONG_QUERY_TOKENS = 512  # mean query tokens per request from which a plan takes
 # ones slower (-4 % at 16 x 1024, -25 % at 64 x 256: one CTA per SM, 128-key tiles); so its plans keep the
 # mma.sync 4 warps x 64 keys below WGMMA_KV_TOKENS of KV per request.
 _HOPPER_SHAPES = {128: (TileShape(4, 64), TileShape(8, 128, "wgmma"))}
-# Mean KV tokens per request from which a Hopper plan takes the wgmma shape: measured ahead from 4096 (and on
-# 512-token appends onto 8192), behind at 1024; 2048 lies between (not measured).
-WGMMA_KV_TOKENS = 2048
+# Mean KV tokens per request from which a Hopper plan takes the wgmma shape (scripts/prefill_switch_point.py,
+# results/prefill-h200-s16/thresh-run3.log): wgmma -4 % at 1024, +3 % at 1536, +7 % at 2048, +15 % at 4096,
+# and +24 % on 512-token appends onto 8192.
+WGMMA_KV_TOKENS = 1536
 
 
 def tile_shapes(head_dim: int, arch: str | None = None) -> tuple[TileShape, TileShape]:
