@@ -156,14 +156,15 @@ EB_DEVICE Tile tile_of(const PrefillParams& p, int4 req, int tile_idx, const Div
 // Copies of 16-byte chunks: a thread always copies the same column chunk (kThreads is a multiple of kChunks),
 // of rows kRowStep apart.
 constexpr int kRowStep = kThreads / kChunks;
+static_assert(kThreads % kChunks == 0, "each thread keeps one column chunk");
+static_assert(kM % kRowStep == 0, "query rows divide evenly among threads");
+
 // Where chunk c of row r of a tile of kRows rows lives: the mma.sync path's rows of head_dim elements, or
 // wgmma's 64-element column blocks (wgmma.cuh).
 template <int kRows> EB_DEVICE int tile_offset(int r, int c) {
   if constexpr (kWgmma) return wgmma_tile_offset<kRows>(r, c);
   return swizzle<kChunks>(r, c);
 }
-static_assert(kThreads % kChunks == 0, "each thread keeps one column chunk");
-static_assert(kM % kRowStep == 0, "query rows divide evenly among threads");
 
 // a * b + c as one 32 x 32 -> 64-bit multiply-add (in C++ the compiler also multiplies the zero high words).
 // Byte offsets this way need non-negative indices and strides below 2^31 bytes (prefill_ops.cpp checks).
@@ -651,13 +652,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const Pre
     Scores s;
     PFrags pa;
     float rescale[kLaneRows];
+    auto softmax_of = [&](int j) {  // whether O must be rescaled
+      const int first = tile_first(j);
+      return kb.masked(p, first) ? softmax<true>(p, tl, lr, s, m, l, rescale, first, lane)
+                                 : softmax<false>(p, tl, lr, s, m, l, rescale, first, lane);
+    };
     if (n_tiles > 0) {
       cp_async_wait<kStages - 2>();
       fence_proxy_async();
       __syncthreads();
       qk_wgmma<kN>(s[0], q_rows, kaddr(0));
-      kb.masked(p, tile_first(0)) ? softmax<true>(p, tl, lr, s, m, l, rescale, tile_first(0), lane)
-                                  : softmax<false>(p, tl, lr, s, m, l, rescale, tile_first(0), lane);
+      softmax_of(0);
       pack_p_all(pa, s, l);  // O is still 0: no rescale
     }
     for (int j = 0; j + 1 < n_tiles; ++j) {
@@ -670,9 +675,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const Pre
       pv_wgmma_issue<D>(o[0], pa, vaddr(j));
       wgmma_wait<1>();
       fence_accumulators(s[0]);
-      const int first = tile_first(j + 1);
-      const bool moved = kb.masked(p, first) ? softmax<true>(p, tl, lr, s, m, l, rescale, first, lane)
-                                             : softmax<false>(p, tl, lr, s, m, l, rescale, first, lane);
+      const bool moved = softmax_of(j + 1);
       wgmma_wait<0>();
       fence_accumulators(o[0]);
       fence_p(pa);
