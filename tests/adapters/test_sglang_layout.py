@@ -59,6 +59,7 @@ def assert_layout(layout, requests, page_size, query_lens, *, is_decode):
     assert layout.num_rows == len(requests)
     assert layout.num_pages == want["num_pages"]
     assert layout.num_query_tokens == sum(query_lens)
+    assert layout.num_kv_tokens == sum(want["kv_lens"])  # from the host mirror the batches carry
     assert layout.is_decode is is_decode
 
 
@@ -113,6 +114,33 @@ def test_mixed_batch_of_prefill_chunks_and_decodes(tmp_path, page_size):
     assert_layout(layout, requests, page_size, extend, is_decode=False)
 
 
+class PlanRecorder:
+    def __init__(self):
+        self.calls = []
+
+    def plan(self, bsr, **counts):
+        self.calls.append((bsr, counts))
+
+
+def test_extend_plans_the_prefill_with_its_host_counts(tmp_path):
+    """The prefill wrapper picks its tile shape from the host counts (on Hopper a short extend onto a long
+    cached prefix runs the long-KV shape), so the adapter must hand over both."""
+    from engine_backend.adapters.sglang.kernels import LayerKernels
+
+    run = testing.runner(tmp_path, page_size=16)
+    requests = testing.place_requests(run, [300, 40])
+    layout = layout_from_forward_batch(
+        testing.extend_batch(run, requests, [8, 40]), run.req_to_token_pool.req_to_token, 16
+    )
+    kernels = LayerKernels.__new__(LayerKernels)  # the wrappers alone, without building GPU kernels
+    kernels.decode, kernels.prefill = PlanRecorder(), PlanRecorder()
+    kernels.plan(layout)
+    assert kernels.decode.calls == []
+    (bsr, counts), = kernels.prefill.calls
+    assert bsr is layout.kv
+    assert counts == {"num_tokens": 8 + 40, "num_kv_tokens": 300 + 40}
+
+
 @pytest.mark.parametrize("page_size", PAGE_SIZES)
 def test_persistent_index_buffer_is_reused_in_place(tmp_path, page_size):
     """CUDA graphs read the page ids from one buffer: each step refills it, and the BSR
@@ -165,6 +193,7 @@ def test_drop_last_kv_fault_shortens_every_row_by_one(tmp_path, page_size):
     honest = layout_from_forward_batch(batch, table, page_size)
     faulty = layout_from_forward_batch(batch, table, page_size, drop_last_kv=True)
     assert faulty.kv.kv_lens.tolist() == [0, 19, 32]
+    assert faulty.num_kv_tokens == 0 + 19 + 32
     for name in ("indptr", "indices", "qo_indptr"):
         assert torch.equal(getattr(faulty.kv, name), getattr(honest.kv, name)), name
 

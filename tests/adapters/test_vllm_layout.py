@@ -39,6 +39,7 @@ class Batch:
     query_lens: list  # per request (0 for padding requests)
     seq_lens: list  # per request: KV length after this step's tokens
     padded_tokens: int = 0  # tokens past the last request (full-CUDA-graph padding)
+    host_seq_lens: bool = True  # vLLM's runner fills seq_lens_cpu_upper_bound; other callers may not
 
     def metadata(self, seed=0) -> CommonAttentionMetadata:
         gen = torch.Generator().manual_seed(seed)
@@ -60,6 +61,7 @@ class Batch:
             max_seq_len=max(self.seq_lens),
             block_table_tensor=persistent_table[:reqs],
             slot_mapping=torch.zeros(tokens, dtype=torch.int64),
+            seq_lens_cpu_upper_bound=torch.tensor(self.seq_lens, dtype=torch.int32) if self.host_seq_lens else None,
         )
 
 
@@ -104,6 +106,7 @@ BATCHES = {
     "spec_verify_rows_are_prefill": Batch(query_lens=[1, 3, 3], seq_lens=[8, 11, 4]),
     "graph_padded_decode": Batch(query_lens=[1, 1, 1, 0], seq_lens=[9, 4, 21, 0], padded_tokens=1),
     "mixed_with_token_padding": Batch(query_lens=[1, 5, 2], seq_lens=[6, 5, 10], padded_tokens=3),
+    "no_host_seq_lens": Batch(query_lens=[1, 4, 2], seq_lens=[6, 9, 2], host_seq_lens=False),
 }
 
 
@@ -121,6 +124,8 @@ def test_layout_fields(name):
     assert (layout.num_decodes, layout.num_prefills) == (decodes, reqs - decodes)
     assert layout.num_decode_tokens == decode_tokens == decodes
     assert layout.prefill_token_range == (decode_tokens, decode_tokens + prefill_tokens)
+    prefill_kv_tokens = sum(batch.seq_lens[decodes:]) if batch.host_seq_lens else None
+    assert layout.num_prefill_kv_tokens == prefill_kv_tokens
 
     if decodes:
         check_bsr(layout.decode, table, list(range(decodes)), batch.seq_lens, list(range(decodes + 1)))
@@ -200,6 +205,30 @@ def test_dropped_kv_token_fault_shortens_every_row():
     layout = step_layout(batch.metadata(), PAGE, StridedAranges("cpu"), dropped_kv_tokens=1)
     kv = layout.decode.kv_lens.tolist() + layout.prefill.kv_lens.tolist()
     assert kv == [max(n - 1, 0) for n in batch.seq_lens]
+    assert layout.num_prefill_kv_tokens == sum(kv[layout.num_decodes :])
+
+
+class PlanRecorder:
+    def __init__(self):
+        self.calls = []
+
+    def plan(self, bsr, **counts):
+        self.calls.append((bsr, counts))
+
+
+def test_kernel_set_plans_the_prefill_with_its_host_counts():
+    """The prefill wrapper picks its tile shape from the host counts (on Hopper a short append onto a long
+    cache runs the long-KV shape), so the adapter must hand over both."""
+    from engine_backend.adapters.vllm.kernels import KernelSet
+
+    layout = step_layout(BATCHES["mixed"].metadata(), PAGE, StridedAranges("cpu"))
+    kernels = KernelSet.__new__(KernelSet)  # the wrappers alone, without building GPU kernels
+    kernels.decode, kernels.prefill = PlanRecorder(), PlanRecorder()
+    kernels.plan(layout)
+    assert [bsr for bsr, _ in kernels.decode.calls] == [layout.decode]
+    (bsr, counts), = kernels.prefill.calls
+    assert bsr is layout.prefill
+    assert counts == {"num_tokens": 9 + 4 + 6, "num_kv_tokens": 9 + 20 + 6}
 
 
 def test_layout_refuses_zero_length_requests_among_decodes():

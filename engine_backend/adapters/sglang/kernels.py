@@ -68,7 +68,7 @@ class LayerKernels:
         if layout.is_decode:
             self.decode.plan(layout.kv)
         else:
-            self.prefill.plan(layout.kv, num_tokens=layout.num_query_tokens)
+            self.prefill.plan(layout.kv, num_tokens=layout.num_query_tokens, num_kv_tokens=layout.num_kv_tokens)
 
     def run(self, layout: BatchLayout, q, k_pages, v_pages, out=None):
         return (self.decode if layout.is_decode else self.prefill).run(q, k_pages, v_pages, out=out)

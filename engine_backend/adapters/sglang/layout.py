@@ -39,6 +39,7 @@ class BatchLayout:
     kv: BSR  # rows = requests; KV = the request's whole sequence in the pool
     num_rows: int
     num_query_tokens: int | None  # host count; None when SGLang gave no host mirror
+    num_kv_tokens: int | None  # host count of the rows' KV tokens (seq_lens_cpu); None without the mirror
     num_pages: int  # entries of kv.indices filled with page ids (kv.indptr[-1] or a bound)
     is_decode: bool
 
@@ -47,13 +48,18 @@ def max_pages_per_request(req_to_token: torch.Tensor, page_size: int) -> int:
     return -(-req_to_token.shape[1] // page_size)
 
 
-def page_count(seq_lens_cpu: torch.Tensor | None, rows: int, req_to_token: torch.Tensor, page_size: int) -> int:
-    """Pages the batch lists. Exact from the host mirror; without one, the table-width bound
-    (correct, only slower: ``from_token_table`` zero-fills the unused tail)."""
+def host_counts(
+    seq_lens_cpu: torch.Tensor | None, rows: int, req_to_token: torch.Tensor, page_size: int, drop_last_kv: bool
+) -> tuple[int, int | None]:
+    """(pages the batch lists, KV tokens the kernels will see) from one pass over the host mirror. Pages: exact;
+    without a mirror the table-width bound (correct, only slower: ``from_token_table`` zero-fills the unused
+    tail). KV tokens (the prefill planner picks its tile shape by KV per request: a short extend onto a long
+    cached prefix is long work): None without a mirror."""
     if seq_lens_cpu is None:
-        return rows * max_pages_per_request(req_to_token, page_size)
+        return rows * max_pages_per_request(req_to_token, page_size), None
     lens = seq_lens_cpu[:rows].to(torch.int64)
-    return int(((lens + page_size - 1) // page_size).sum())
+    kv_tokens = (lens - 1).clamp(min=0).sum() if drop_last_kv else lens.sum()
+    return int(((lens + page_size - 1) // page_size).sum()), int(kv_tokens)
 
 
 def _exclusive_cumsum(lens: torch.Tensor) -> torch.Tensor:
@@ -71,9 +77,10 @@ def _request_bsr(
     qo_indptr: torch.Tensor | None,
     indices_out: torch.Tensor | None,
     drop_last_kv: bool,
-) -> tuple[BSR, int]:
+) -> tuple[BSR, int, int | None]:
+    """The rows' BSR, its page count and KV token count (see host_counts)."""
     rows = req_pool_indices.shape[0]
-    num_pages = page_count(seq_lens_cpu, rows, req_to_token, page_size)
+    num_pages, num_kv_tokens = host_counts(seq_lens_cpu, rows, req_to_token, page_size, drop_last_kv)
     if indices_out is not None and num_pages > indices_out.shape[0]:
         raise ValueError(
             f"batch lists {num_pages} KV pages but the persistent index buffer holds {indices_out.shape[0]}"
@@ -86,7 +93,7 @@ def _request_bsr(
         bsr.indices = indices_out
     if drop_last_kv:  # faults.DROP_LAST_KV: leave each request's newest token out
         bsr = BSR(bsr.indptr, bsr.indices, (bsr.kv_lens - 1).clamp_(min=0), bsr.qo_indptr, page_size).validate()
-    return bsr, num_pages
+    return bsr, num_pages, num_kv_tokens
 
 
 def decode_layout(
@@ -104,10 +111,11 @@ def decode_layout(
     supplies ``qo_indptr = 0, 1, ..., B`` as a slice, where otherwise every step allocates it."""
     rows = req_pool_indices.shape[0]
     qo_indptr = aranges.get(rows, 1) if aranges is not None else None
-    kv, num_pages = _request_bsr(
+    kv, num_pages, num_kv_tokens = _request_bsr(
         req_to_token, req_pool_indices, seq_lens, seq_lens_cpu, page_size, qo_indptr, indices_out, drop_last_kv
     )
-    return BatchLayout(kv=kv, num_rows=rows, num_query_tokens=rows, num_pages=num_pages, is_decode=True)
+    return BatchLayout(kv=kv, num_rows=rows, num_query_tokens=rows, num_kv_tokens=num_kv_tokens, num_pages=num_pages,
+                       is_decode=True)
 
 
 def extend_layout(
@@ -124,11 +132,12 @@ def extend_layout(
 ) -> BatchLayout:
     """``extend_seq_lens[r]`` new queries per request, the last of its ``seq_lens[r]`` tokens."""
     qo_indptr = _exclusive_cumsum(extend_seq_lens)
-    kv, num_pages = _request_bsr(
+    kv, num_pages, num_kv_tokens = _request_bsr(
         req_to_token, req_pool_indices, seq_lens, seq_lens_cpu, page_size, qo_indptr, indices_out, drop_last_kv
     )
     rows = req_pool_indices.shape[0]
-    return BatchLayout(kv=kv, num_rows=rows, num_query_tokens=num_query_tokens, num_pages=num_pages, is_decode=False)
+    return BatchLayout(kv=kv, num_rows=rows, num_query_tokens=num_query_tokens, num_kv_tokens=num_kv_tokens,
+                       num_pages=num_pages, is_decode=False)
 
 
 def mode_name(forward_batch) -> str:

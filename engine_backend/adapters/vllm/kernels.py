@@ -65,7 +65,8 @@ class KernelSet:
         if layout.decode is not None:
             self.decode.plan(layout.decode)
         if layout.prefill is not None:
-            self.prefill.plan(layout.prefill, num_tokens=layout.num_prefill_tokens)
+            self.prefill.plan(layout.prefill, num_tokens=layout.num_prefill_tokens,
+                              num_kv_tokens=layout.num_prefill_kv_tokens)
 
     def warm_up(self) -> None:
         """Run both kernels once on a one-page scratch cache, so that JIT builds and module

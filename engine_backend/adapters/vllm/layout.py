@@ -10,7 +10,8 @@ boundary from the host copy of ``query_start_loc``. Then
   rebased to 0.
 
 Both parts are zero-copy views of vLLM's persistent block table. Counts come from the
-host tensors vLLM already provides, so building a layout never waits for the GPU.
+host tensors vLLM already provides, so building a layout never waits for the GPU; the prefill
+part's KV count (``seq_lens_cpu_upper_bound``, exact for prefill rows) picks its tile shape.
 Padding: under full CUDA graphs vLLM pads a decode batch with requests of query length 0
 and sequence length 0 (and as many padding tokens); they stay decode rows with nothing to
 attend to. Padding tokens past ``query_start_loc[R]`` in a mixed batch belong to no row.
@@ -35,6 +36,7 @@ class StepLayout:
     num_prefills: int  # requests [num_decodes, num_decodes + num_prefills)
     num_decode_tokens: int  # tokens [0, num_decode_tokens)
     num_prefill_tokens: int  # tokens [num_decode_tokens, num_decode_tokens + num_prefill_tokens)
+    num_prefill_kv_tokens: int | None  # KV tokens of the prefill rows (host count; None if vLLM gave none)
     decode: BSR | None  # None when there is no decode request
     prefill: BSR | None  # None when there is no prefill request
 
@@ -75,6 +77,10 @@ def step_layout(
     if dropped_kv_tokens:
         kv_lens = (kv_lens - dropped_kv_tokens).clamp_(min=0)
     table = common.block_table_tensor[:num_reqs]
+    host_seq_lens = common.seq_lens_cpu_upper_bound  # the device seq_lens would need a sync
+    num_prefill_kv_tokens = None
+    if host_seq_lens is not None:
+        num_prefill_kv_tokens = int((host_seq_lens[num_decodes:num_reqs] - dropped_kv_tokens).clamp(min=0).sum())
 
     decode = None
     if num_decodes:
@@ -89,6 +95,7 @@ def step_layout(
         num_prefills=num_reqs - num_decodes,
         num_decode_tokens=num_decode_tokens,
         num_prefill_tokens=num_prefill_tokens,
+        num_prefill_kv_tokens=num_prefill_kv_tokens,
         decode=decode,
         prefill=prefill,
     )
