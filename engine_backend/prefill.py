@@ -19,9 +19,11 @@ in a CUDA graph and replayed for any batch of at most that many tokens.
 Tile shape per plan: batches of long queries run on 64-key K/V tiles (fewer softmax steps per
 key), short ones on 32-key tiles (less of each tile lies past the causal diagonal), both on CTAs
 of 4 warps, two per SM. Two mainloops share the planner, loads, masks, softmax and epilogue: mma.sync
-(sm80 and later) and, on Hopper (sm_90a), warpgroup MMAs (wgmma: S and P V of a warpgroup's 64 rows
-per instruction, operands straight from shared memory); ``TileShape.mainloop`` names it. ``plan(kv, num_tokens=...)`` picks from the
-host-known query count (the long shape if it is not given); both kernels are loaded when the
+(sm80 and later) and, on Hopper (sm_90a), warpgroup MMAs (wgmma: S and P V of 64 rows per instruction,
+operands straight from shared memory); ``TileShape.mainloop`` names it. Hopper plans run wgmma on
+4 warps x 64 keys (two CTAs per SM) and, for long KV, 8 warps x 128 keys (one CTA per SM, P V of one
+tile overlapping the next tile's softmax). ``plan(kv, num_tokens=..., num_kv_tokens=...)`` picks from
+the host-known counts (the long shape if they are not given); both kernels are loaded when the
 wrapper is made, so the first long batch does not wait for a JIT build. A CUDA graph replays the
 kernel of the plan it was captured after, so plans before its replays must pick the same shape
 (pass the same kind of count, or fix ``tile``).
@@ -49,8 +51,8 @@ MAINLOOPS = ("mma", "wgmma")
 class TileShape:
     """A CTA's shape: ``warps`` of 32 packed query rows each (16 at head dim 256) against K/V tiles
     of ``kv_tile`` tokens, on the ``mainloop`` "mma" (mma.sync tensor cores, sm80 and later), or
-    "wgmma" (Hopper warpgroup MMAs, sm_90a only: groups of 4 warps own 64 rows, head dim 64 or 128,
-    64- or 128-key tiles)."""
+    "wgmma" (Hopper warpgroup MMAs, sm_90a only: head dim 64 or 128, 64- or 128-key tiles; a group of
+    4 warps owns 128 rows on 64-key tiles, 64 rows on 128-key tiles, whose scores take twice the registers)."""
 
     warps: int
     kv_tile: int
@@ -72,15 +74,17 @@ _SHAPES = {128: (TileShape(4, 32), TileShape(4, 64))}
 LONG_QUERY_TOKENS = 512  # mean query tokens per request from which a plan takes the long shape
 
 
-# Hopper (results/prefill-h200-s16/, H200, same shapes): the wgmma mainloop on 8 warps x 128 keys (three stages,
-# one CTA per SM) runs long requests 1.1-1.25x faster than the mma.sync shapes (and FlashInfer fa2), but short
-# ones slower (-4 % at 16 x 1024, -25 % at 64 x 256: one CTA per SM, 128-key tiles); so its plans keep the
-# mma.sync 4 warps x 64 keys below WGMMA_KV_TOKENS of KV per request.
-_HOPPER_SHAPES = {128: (TileShape(4, 64), TileShape(8, 128, "wgmma"))}
-# Mean KV tokens per request from which a Hopper plan takes the wgmma shape (scripts/prefill_switch_point.py,
-# results/prefill-h200-s16/thresh-run3.log): wgmma -4 % at 1024, +3 % at 1536, +7 % at 2048, +15 % at 4096,
-# and +24 % on 512-token appends onto 8192.
-WGMMA_KV_TOKENS = 1536
+# Hopper (H200, same shapes): wgmma on 4 warps x 64 keys (128 rows, two CTAs per SM) is ahead of the mma.sync
+# shapes everywhere (+15-20 %, results/prefill-h200-s17/exp-run2.log); 8 warps x 128 keys (64 rows per
+# warpgroup, three stages with P V overlapping the next softmax, one CTA per SM) gains a little more where
+# queries see long KV (+2 % at 1 x 8192, +7 % on the 512-token append onto 8192; +3-5 % on appends onto
+# 1536-7680 cached tokens, switch-run2.log) and loses on short requests (-11 % at 16 x 1024, -22 % at 64 x 256).
+_HOPPER_SHAPES = {128: (TileShape(4, 64, "wgmma"), TileShape(8, 128, "wgmma"))}
+# Mean keys a query sees (KV per request less half its queries) from which a Hopper plan takes its long shape
+# (scripts/prefill_switch_point.py, results/prefill-h200-s17/switch-run3.log): prefills are within 1-2 % on either
+# shape from 4096 tokens (2048) up and 2-13 % faster on the short one below; 512-token appends run 4-5 % faster on
+# the long shape from 1536 cached tokens (1792) up.
+HOPPER_LONG_KEYS_PER_QUERY = 1792
 
 
 def tile_shapes(head_dim: int, arch: str | None = None) -> tuple[TileShape, TileShape]:
@@ -107,13 +111,13 @@ def pick_tile(short: TileShape, long: TileShape, num_tokens: int | None, rows: i
     """The tile shape a plan of ``num_tokens`` queries over ``rows`` requests (holding ``num_kv_tokens``
     keys, if known) runs. Unknown counts take the long shape: measured
     (results/prefill-h200-s14/final-h100-prefill-exp.log), it loses less on short queries (4 % at 64 x 256)
-    than the short shape does on long ones (3-6 % from 16 x 1024 up and on the append). A wgmma long shape
-    goes by KV per request (queries stand in for it when the KV count is unknown: a prefill has as many)."""
+    than the short shape does on long ones (3-6 % from 16 x 1024 up and on the append). The Hopper pair
+    goes by the keys a query sees (a prefill's query count stands in for its unknown KV count)."""
     if num_tokens is None:
         return long
-    if long.mainloop == "wgmma":
-        work = num_kv_tokens if num_kv_tokens is not None else num_tokens
-        return long if work >= WGMMA_KV_TOKENS * max(1, rows) else short
+    if short.mainloop == long.mainloop == "wgmma":
+        kv = num_kv_tokens if num_kv_tokens is not None else num_tokens
+        return long if kv - num_tokens / 2 >= HOPPER_LONG_KEYS_PER_QUERY * max(1, rows) else short
     return long if num_tokens >= LONG_QUERY_TOKENS * max(1, rows) else short
 
 

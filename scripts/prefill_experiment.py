@@ -7,7 +7,8 @@ Each configuration is the same kernel source built with other compile-time choic
 (EB_PREFILL_MMA_M: 16-row MMA tiles per warp; EB_PREFILL_SKIP_MASKED_KEYS: skip a warp's wholly
 masked key chunks on diagonal tiles; EB_PREFILL_STAGES: K/V tiles in shared memory;
 EB_PREFILL_RESCALE_SLACK: how far a row's max must grow before O is rescaled; EB_PREFILL_HW_DIVISION:
-integer division by the group size, or multiply-high by its magic number) and tile shapes
+integer division by the group size, or multiply-high by its magic number; EB_PREFILL_STAGED_STORE: O through
+shared memory) and tile shapes
 (warps per CTA, KV tokens per tile), timed on bench_prefill's shapes; its output is compared with the
 first configuration's.
 """
@@ -56,9 +57,17 @@ CONFIGS = {
     "wg-8w-64": (prefill.TileShape(8, 64, "wgmma"), ()),
     "wg-8w-128": (prefill.TileShape(8, 128, "wgmma"), ()),
     "wg-4w-128": (prefill.TileShape(4, 128, "wgmma"), ()),  # two stages: serial
-    "wg-4w-64-serial": (prefill.TileShape(4, 64, "wgmma"), ("-DEB_PREFILL_WG_OVERLAP=0",)),
     "wg-8w-128-serial": (prefill.TileShape(8, 128, "wgmma"), ("-DEB_PREFILL_WG_OVERLAP=0",)),
     "wg-8w-128-s2": (prefill.TileShape(8, 128, "wgmma"), ("-DEB_PREFILL_STAGES=2",)),
+    # One 64-row block per warpgroup on 64-key tiles (the sixteenth session's shape; two blocks since).
+    "wg-4w-64-m1": (prefill.TileShape(4, 64, "wgmma"), ("-DEB_PREFILL_MMA_M=1",)),
+    # Two blocks with three stages and the overlap, one CTA per SM (spills).
+    "wg-4w-64-s3": (prefill.TileShape(4, 64, "wgmma"), ("-DEB_PREFILL_STAGES=3",)),
+    # O through shared memory as whole 16-byte chunks per row (EB_PREFILL_STAGED_STORE, wgmma's default) or stored
+    # straight from the accumulators as 4-byte pairs (mma.sync's default).
+    "long-staged": (LONG, ("-DEB_PREFILL_STAGED_STORE=1",)),
+    "wg-4w-64-direct": (prefill.TileShape(4, 64, "wgmma"), ("-DEB_PREFILL_STAGED_STORE=0",)),
+    "wg-8w-128-direct": (prefill.TileShape(8, 128, "wgmma"), ("-DEB_PREFILL_STAGED_STORE=0",)),
 }
 _default_spec = prefill.kernel_spec
 

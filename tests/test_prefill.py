@@ -10,7 +10,7 @@ import torch
 from engine_backend import reference
 from engine_backend.format import BSR
 from engine_backend.kernels import jit
-from engine_backend.prefill import LONG_QUERY_TOKENS, WGMMA_KV_TOKENS, BatchPrefill, TileShape, tile_shapes
+from engine_backend.prefill import HOPPER_LONG_KEYS_PER_QUERY, LONG_QUERY_TOKENS, BatchPrefill, TileShape, tile_shapes
 from engine_backend.variants import Variant
 
 from paged_inputs import TOL, layout_kv, poisoned_like, rel_err, scattered_block_table
@@ -18,7 +18,7 @@ from paged_inputs import TOL, layout_kv, poisoned_like, rel_err, scattered_block
 pytestmark = pytest.mark.gpu
 
 HEADS = [(32, 8), (32, 4), (8, 8), (16, 1)]
-# Hopper's warpgroup-MMA mainloop: one CTA shape per warpgroup count and K/V tile length.
+# Hopper's warpgroup-MMA mainloop: 128 rows per warpgroup (4 warps x 64 keys) and 64 (8 warps x 128 keys).
 WGMMA_TILES = (TileShape(4, 64, "wgmma"), TileShape(8, 128, "wgmma"))
 
 
@@ -135,7 +135,7 @@ def test_prefill_plan_picks_tile_shape_by_query_count():
     assert pre.short_tile != pre.long_tile  # head dim 128 has two tuned shapes
     pre.plan(bsr, num_tokens=350)  # 175 per request
     assert pre.tile == pre.short_tile
-    pre.plan(bsr, num_tokens=2 * max(LONG_QUERY_TOKENS, WGMMA_KV_TOKENS))
+    pre.plan(bsr, num_tokens=4 * max(LONG_QUERY_TOKENS, 2 * HOPPER_LONG_KEYS_PER_QUERY))  # long on every arch
     assert pre.tile == pre.long_tile
     fixed = BatchPrefill(32, 8, 128, 16, tile=TileShape(8, 64))
     fixed.plan(bsr, num_tokens=350)

@@ -9,7 +9,7 @@ import pytest
 
 from engine_backend.prefill import (
     LONG_QUERY_TOKENS,
-    WGMMA_KV_TOKENS,
+    HOPPER_LONG_KEYS_PER_QUERY,
     TileShape,
     check_tile,
     kernel_spec,
@@ -67,14 +67,17 @@ def test_mainloop_is_a_template_parameter():
         assert all(shape.mainloop == "mma" for shape in tile_shapes(dim))  # no arch: what every sm80+ GPU runs
 
 
-def test_hopper_plans_take_wgmma_for_long_kv_only():
+def test_hopper_plans_take_the_long_wgmma_shape_for_long_kv_only():
     short, long = tile_shapes(128, "90a")
-    assert (short.mainloop, long.mainloop) == ("mma", "wgmma")
-    assert short in tile_shapes(128)  # the short one is an mma.sync shape every GPU runs
+    assert (short.mainloop, long.mainloop) == ("wgmma", "wgmma")
+    assert short.kv_tile < long.kv_tile
     assert tile_shapes(256, "90a") == tile_shapes(256)  # no wgmma at head dim 256
-    per_request = WGMMA_KV_TOKENS
-    assert pick_tile(short, long, num_tokens=4 * per_request, rows=4) == long  # prefill: queries = KV
-    assert pick_tile(short, long, num_tokens=4 * per_request - 1, rows=4) == short
+    keys = HOPPER_LONG_KEYS_PER_QUERY  # KV per request less half its queries
+    assert pick_tile(short, long, num_tokens=4 * 2 * keys, rows=4) == long  # prefill: queries = KV
+    assert pick_tile(short, long, num_tokens=4 * 2 * keys - 2, rows=4) == short
+    append = 512  # new tokens per request, onto a cache
+    assert pick_tile(short, long, num_tokens=8 * append, rows=8, num_kv_tokens=8 * (keys + append // 2)) == long
+    assert pick_tile(short, long, num_tokens=8 * append, rows=8, num_kv_tokens=8 * (keys + append // 2) - 1) == short
     assert pick_tile(short, long, num_tokens=8 * 512, rows=8, num_kv_tokens=8 * 8704) == long  # append, long cache
     assert pick_tile(short, long, num_tokens=16 * 1024, rows=16, num_kv_tokens=16 * 1024) == short
     assert pick_tile(short, long, num_tokens=None, rows=4) == long  # unknown count

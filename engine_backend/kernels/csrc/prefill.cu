@@ -31,15 +31,20 @@ constexpr int kThreads = kWarps * 32;
 // The EB_PREFILL_* macros (MMA_M, STAGES, LAZY_RESCALE, SKIP_MASKED_KEYS) override choices for
 // experiments (scripts/prefill_experiment.py, which times them side by side); the defaults are the
 // measured best.
-// The Hopper mainloop (wgmma.cuh): each warpgroup (4 warps) runs S = Q K^T and O += P V on its 64 rows as
-// warpgroup MMAs from shared memory, a warp holding the same 16 rows and accumulator layout as one mma.sync
-// tile; loads, masks, softmax and epilogue are shared with the mma.sync path.
+// The Hopper mainloop (wgmma.cuh): each warpgroup (4 warps) runs S = Q K^T and O += P V on kMmaM blocks of 64
+// rows as warpgroup MMAs from shared memory, a warp holding 16 rows of each block in the accumulator layout of
+// an mma.sync tile; loads, masks, softmax and epilogue are shared with the mma.sync path.
+// Two blocks (128 rows per warpgroup, FA2's rows per CTA on 4 warps) with 64-key tiles: each K/V tile then
+// feeds twice the rows, and two such CTAs fit on an SM; measured against one 64-row block on the same shape,
+// +15-18 % on every shape (results/prefill-h200-s17/exp-run1.log). 128-key tiles keep one block: two blocks'
+// scores would not fit in registers beside O.
 #ifndef EB_PREFILL_WGMMA
 #define EB_PREFILL_WGMMA ${WGMMA}
 #endif
 constexpr bool kWgmma = EB_PREFILL_WGMMA;
+constexpr int kN = ${KV_TILE};  // KV tokens per tile
 #ifndef EB_PREFILL_MMA_M
-#define EB_PREFILL_MMA_M (kWgmma || D > 128 ? 1 : 2)
+#define EB_PREFILL_MMA_M (D > 128 || (kWgmma && kN > 64) ? 1 : 2)
 #endif
 constexpr int kMmaM = EB_PREFILL_MMA_M;
 constexpr int kWarpRows = 16 * kMmaM;
@@ -47,9 +52,8 @@ constexpr int kM = kWarpRows * kWarps;  // packed query rows per tile
 // Q fragments stay in registers where they fit beside O and S; otherwise (D=128 with two MMA
 // tiles) they are re-read from shared memory at each k-step.
 constexpr bool kQInRegs = !kWgmma && (kMmaM == 1 || D <= 64);
-constexpr int kN = ${KV_TILE};  // KV tokens per tile
-static_assert(!kWgmma || (kMmaM == 1 && kWarps % 4 == 0 && (D == 64 || D == 128) && (kN == 64 || kN == 128)),
-              "wgmma tiles: warpgroups of 64 rows, head dim 64 or 128, 64 or 128 keys");
+static_assert(!kWgmma || (kMmaM <= 2 && kWarps % 4 == 0 && (D == 64 || D == 128) && (kN == 64 || kN == 128)),
+              "wgmma tiles: warpgroups of 64 or 128 rows, head dim 64 or 128, 64 or 128 keys");
 #if EB_PREFILL_WGMMA && !defined(__CUDA_ARCH_FEAT_SM90_ALL) && defined(__CUDA_ARCH__)
 #error "the wgmma mainloop needs sm_90a"
 #endif
@@ -174,26 +178,40 @@ EB_DEVICE uint64_t mad_wide(uint32_t a, uint32_t b, uint64_t c) {
   return d;
 }
 
-// Packed query rows -> shared memory (zeros past the tile's rows). A thread's rows are kRowStep apart, so
-// its (token, head) advances by a fixed step: two divisions per thread, not two per 16-byte chunk.
-EB_DEVICE void issue_q(const PrefillParams& p, const Tile& tl, uint8_t* sq, int kv_head, const Divisor& group) {
-  const uint32_t base = smem_addr(sq);
-  const int c = threadIdx.x % kChunks, r_first = threadIdx.x / kChunks;
-  const int g = int(group.d);
-  const int step_tok = div_by(group, kRowStep), step_head = kRowStep - step_tok * g;
-  int token = div_by(group, tl.r0 + r_first);  // within the request
-  int head = tl.r0 + r_first - token * g;       // within the group
-  const uint64_t col = reinterpret_cast<uint64_t>(p.q) +
-                       uint64_t(int64_t(tl.q0) * p.q_stride_n + int64_t(kv_head * g) * p.q_stride_h + c * 8) * sizeof(T);
-  const uint32_t tok_bytes = uint32_t(p.q_stride_n) * sizeof(T), head_bytes = uint32_t(p.q_stride_h) * sizeof(T);
-#pragma unroll
-  for (int j = 0; j < kM / kRowStep; ++j) {
-    const int r = r_first + j * kRowStep;
-    const bool valid = r < tl.rows;
-    const uint64_t src = valid ? mad_wide(token, tok_bytes, mad_wide(head, head_bytes, col)) : col;  // col: a real row
-    cp_async_16(base + tile_offset<kM>(r, c), reinterpret_cast<const void*>(src), valid);
+// The packed query rows a thread copies between global and shared memory (Q in, O out through shared memory):
+// 16-byte chunk c of rows r_first, r_first + kRowStep, ... of the tile. Their (token, head) advance by a fixed
+// step: two divisions per thread, not two per chunk.
+struct RowCursor {
+  int c, r_first;
+  int token, head;  // of the current row: token within the request, head within the group
+  int step_tok, step_head, g;
+
+  EB_DEVICE RowCursor(const Tile& tl, const Divisor& group)
+      : c(threadIdx.x % kChunks), r_first(threadIdx.x / kChunks), g(int(group.d)) {
+    step_tok = div_by(group, kRowStep), step_head = kRowStep - step_tok * g;
+    token = div_by(group, tl.r0 + r_first);
+    head = tl.r0 + r_first - token * g;
+  }
+  EB_DEVICE void next() {
     token += step_tok, head += step_head;
     if (head >= g) head -= g, ++token;
+  }
+};
+
+// Packed query rows -> shared memory (zeros past the tile's rows).
+EB_DEVICE void issue_q(const PrefillParams& p, const Tile& tl, uint8_t* sq, int kv_head, const Divisor& group) {
+  const uint32_t base = smem_addr(sq);
+  RowCursor rc(tl, group);
+  const uint64_t col = reinterpret_cast<uint64_t>(p.q) +
+                       uint64_t(int64_t(tl.q0) * p.q_stride_n + int64_t(kv_head * rc.g) * p.q_stride_h + rc.c * 8) *
+                           sizeof(T);
+  const uint32_t tok_bytes = uint32_t(p.q_stride_n) * sizeof(T), head_bytes = uint32_t(p.q_stride_h) * sizeof(T);
+#pragma unroll
+  for (int j = 0; j < kM / kRowStep; ++j, rc.next()) {
+    const int r = rc.r_first + j * kRowStep;
+    const bool valid = r < tl.rows;
+    const uint64_t src = valid ? mad_wide(rc.token, tok_bytes, mad_wide(rc.head, head_bytes, col)) : col;  // a real row
+    cp_async_16(base + tile_offset<kM>(r, rc.c), reinterpret_cast<const void*>(src), valid);
   }
 }
 
@@ -259,7 +277,12 @@ struct LaneRows {
   EB_DEVICE float unit(int r) const { return Var::linear ? var[r].scale_log2 : 1.f; }
 };
 
-EB_DEVICE int lane_row(int warp, int lane, int r) { return warp * kWarpRows + 16 * (r / 2) + lane / 4 + 8 * (r % 2); }
+// With wgmma a warpgroup's rows are kMmaM blocks of 64, warp w % 4 holding rows 16 (w % 4) .. of each.
+EB_DEVICE int lane_row(int warp, int lane, int r) {
+  const int in_tile = lane / 4 + 8 * (r % 2);
+  if constexpr (kWgmma) return (warp / 4) * 64 * kMmaM + 64 * (r / 2) + 16 * (warp % 4) + in_tile;
+  return warp * kWarpRows + 16 * (r / 2) + in_tile;
+}
 
 // The warp's Q fragments for k-step kk (16 columns of head dim), for each of its MMA tiles.
 struct QFrags {
@@ -321,29 +344,37 @@ EB_DEVICE void qk(Scores& s, const QFrags& qf, uint32_t kbase, int lane, int chu
   }
 }
 
-// S = Q K^T for the warpgroup's 64 rows as D / 16 warpgroup MMAs; q_rows: the warpgroup's first row of the Q
-// tile (each of its 64-column blocks holds kM rows), kbase: the K tile.
+// S = Q K^T for the warpgroup's kMmaM blocks of 64 rows, D / 16 warpgroup MMAs each; q_rows: the warpgroup's
+// first row of the Q tile (each of its 64-column blocks holds kM rows of 128 bytes), kbase: the K tile.
 // (Templates, so the mma.sync builds never instantiate them.)
 template <int kKeys>
-EB_DEVICE void qk_wgmma_issue(float (&s)[kKeys / 8][4], uint32_t q_rows, uint32_t kbase) {
+EB_DEVICE void qk_wgmma_issue(float (&s)[kMmaM][kKeys / 8][4], uint32_t q_rows, uint32_t kbase) {
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const uint32_t col = (kk / 4) * 128, step = (kk % 4) * 32;  // 64-column block, 16-column step in it
-    const uint64_t a = wgmma_desc(q_rows + col * kM + step, 16, 1024), b = wgmma_desc(kbase + col * kKeys + step, 16, 1024);
-    if (kk == 0) {
-      Wgmma<T, kKeys>::ss_first(s, a, b);
-    } else {
-      Wgmma<T, kKeys>::ss(s, a, b);
+  for (int mi = 0; mi < kMmaM; ++mi) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t col = (kk / 4) * 128, step = (kk % 4) * 32;  // 64-column block, 16-column step in it
+      const uint64_t a = wgmma_desc(q_rows + mi * 64 * 128 + col * kM + step, 16, 1024);
+      const uint64_t b = wgmma_desc(kbase + col * kKeys + step, 16, 1024);
+      if (kk == 0) {
+        Wgmma<T, kKeys>::ss_first(s[mi], a, b);
+      } else {
+        Wgmma<T, kKeys>::ss(s[mi], a, b);
+      }
     }
   }
   wgmma_commit();
 }
+template <int kRows, int kCols> EB_DEVICE void fence_all(float (&d)[kRows][kCols][4]) {
+#pragma unroll
+  for (int mi = 0; mi < kRows; ++mi) fence_accumulators(d[mi]);
+}
 template <int kKeys>
-EB_DEVICE void qk_wgmma(float (&s)[kKeys / 8][4], uint32_t q_rows, uint32_t kbase) {
+EB_DEVICE void qk_wgmma(float (&s)[kMmaM][kKeys / 8][4], uint32_t q_rows, uint32_t kbase) {
   wgmma_fence();
   qk_wgmma_issue<kKeys>(s, q_rows, kbase);
   wgmma_wait<0>();
-  fence_accumulators(s);
+  fence_all(s);
 }
 
 // The online softmax of one K/V tile for the warp's rows, given S: the variant's scores (masked only on
@@ -443,36 +474,43 @@ EB_DEVICE void pv(const Scores& s, float (&o)[kMmaM][D / 8][4], float (&l)[kLane
   }
 }
 
-// O += P V for the warpgroup's rows as kN / 16 warpgroup MMAs, P from registers, V (MN-major) from shared memory.
-using PFrags = uint32_t[kN / 16][4];  // P of a tile as wgmma A operands
+// O += P V for the warpgroup's rows as kN / 16 warpgroup MMAs per 64-row block, P from registers, V (MN-major)
+// from shared memory.
+using PFrags = uint32_t[kMmaM][kN / 16][4];  // P of a tile as wgmma A operands
 
 EB_DEVICE void pack_p_all(PFrags& pa, const Scores& s, float (&l)[kLaneRows]) {
 #pragma unroll
-  for (int kt = 0; kt < kN / 16; ++kt) pack_p(pa[kt], s[0], kt, l[0], l[1]);
+  for (int mi = 0; mi < kMmaM; ++mi)
+#pragma unroll
+    for (int kt = 0; kt < kN / 16; ++kt) pack_p(pa[mi][kt], s[mi], kt, l[2 * mi], l[2 * mi + 1]);
 }
 template <int kDim>
-EB_DEVICE void pv_wgmma_issue(float (&o)[kDim / 8][4], const PFrags& pa, uint32_t vbase) {
+EB_DEVICE void pv_wgmma_issue(float (&o)[kMmaM][kDim / 8][4], const PFrags& pa, uint32_t vbase) {
 #pragma unroll
-  for (int kt = 0; kt < kN / 16; ++kt) {
-    Wgmma<T, kDim>::rs_mn(o, pa[kt], wgmma_desc(vbase + kt * 16 * 128, kN * 128, 1024));
-  }
+  for (int mi = 0; mi < kMmaM; ++mi)
+#pragma unroll
+    for (int kt = 0; kt < kN / 16; ++kt) {
+      Wgmma<T, kDim>::rs_mn(o[mi], pa[mi][kt], wgmma_desc(vbase + kt * 16 * 128, kN * 128, 1024));
+    }
   wgmma_commit();
 }
 // The A registers of an in-flight wgmma must keep their values until its wait: kept live past it.
 EB_DEVICE void fence_p(PFrags& pa) {
 #pragma unroll
-  for (int kt = 0; kt < kN / 16; ++kt)
+  for (int mi = 0; mi < kMmaM; ++mi)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(pa[kt][i])::"memory");
+    for (int kt = 0; kt < kN / 16; ++kt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(pa[mi][kt][i])::"memory");
 }
 template <int kDim>
-EB_DEVICE void pv_wgmma(const Scores& s, float (&o)[kDim / 8][4], float (&l)[kLaneRows], uint32_t vbase) {
+EB_DEVICE void pv_wgmma(const Scores& s, float (&o)[kMmaM][kDim / 8][4], float (&l)[kLaneRows], uint32_t vbase) {
   PFrags pa;
   pack_p_all(pa, s, l);
   wgmma_fence();
   pv_wgmma_issue<kDim>(o, pa, vbase);
   wgmma_wait<0>();
-  fence_accumulators(o);
+  fence_all(o);
   fence_p(pa);
 }
 
@@ -486,13 +524,13 @@ EB_DEVICE void attend_tile(const PrefillParams& p, const Tile& tl, const LaneRow
   Scores s;
   float rescale[kLaneRows];
   if constexpr (kWgmma) {
-    qk_wgmma<kN>(s[0], q_rows, kbase);
+    qk_wgmma<kN>(s, q_rows, kbase);
   } else {
     qk(s, qf, kbase, lane, chunks);
   }
   if (softmax<kMask>(p, tl, lr, s, m, l, rescale, first, lane)) rescale_o(o, rescale);
   if constexpr (kWgmma) {
-    pv_wgmma<D>(s, o[0], l, vbase);
+    pv_wgmma<D>(s, o, l, vbase);
   } else {
     pv(s, o, l, vbase, lane, chunks);
   }
@@ -537,36 +575,78 @@ struct KeyBounds {
   }
 };
 
+// Epilogue through shared memory (kStagedStore): the normalised O of every lane into the Q tile's space (free once
+// every warp is past its last S), then whole 16-byte chunks of each row to global memory, rows as issue_q reads
+// them: one coalesced 16-byte store per chunk instead of a lane's 4-byte pairs spread over 8 rows. Measured side
+// by side (results/prefill-h200-s17/exp-run2.log): wgmma +2-16 % (most on short requests, whose O is a large part
+// of their traffic; -1 % on the 512-token append with 4 warps); mma.sync 4 warps x 64 keys +3-4 % on 16 x 1024
+// and 64 x 256 but -3 % on 4 x 4096, so it keeps the direct stores.
+#ifndef EB_PREFILL_STAGED_STORE
+#define EB_PREFILL_STAGED_STORE kWgmma
+#endif
+constexpr bool kStagedStore = EB_PREFILL_STAGED_STORE;
+
+EB_DEVICE void store_tile(const PrefillParams& p, const Tile& tl, uint8_t* sq, int kv_head, const Divisor& group) {
+  __syncthreads();  // every lane's O is in shared memory
+  const uint32_t base = smem_addr(sq);
+  RowCursor rc(tl, group);
+  T* col = static_cast<T*>(p.out) + long(tl.q0) * p.out_stride_n + long(kv_head * rc.g) * p.out_stride_h + rc.c * 8;
+#pragma unroll
+  for (int j = 0; j < kM / kRowStep; ++j, rc.next()) {
+    const int r = rc.r_first + j * kRowStep;
+    if (r >= tl.rows) continue;
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(base + tile_offset<kM>(r, rc.c)));
+    // As PTX: a 16-byte store (the compiler split the C++ one into four 4-byte stores).
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};\n"
+                 ::"l"(col + long(rc.token) * p.out_stride_n + long(rc.head) * p.out_stride_h),
+                 "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+  }
+}
+
 // Epilogue: normalise and store this lane's rows; lse in natural log. The rows' sums first, in one block, so
 // their shuffles overlap; a row's token and head are re-derived here rather than kept in registers
 // through the loop (where they were spilled).
 EB_DEVICE void store_rows(const PrefillParams& p, const Tile& tl, const LaneRows& lr, const float (&o)[kMmaM][D / 8][4],
                           const float (&m)[kLaneRows], const float (&l)[kLaneRows], const Divisor& group, int kv_head,
-                          int warp, int lane) {
+                          int warp, int lane, uint8_t* sq) {
   float sum[kLaneRows];
 #pragma unroll
   for (int r = 0; r < kLaneRows; ++r) sum[r] = kMmaRowSum ? l[r] : quad_sum(l[r]);  // MMA sums are whole rows
+  if constexpr (kStagedStore) __syncthreads();  // every warp is done reading Q
 #pragma unroll
   for (int r = 0; r < kLaneRows; ++r) {
-    if (!lr.valid[r]) continue;
     // sum >= 1 where any key is visible (the key at the row max contributes at least 1): the fast reciprocal
     // is exact to an ulp there.
     const float inv = sum[r] > 0.f ? __fdividef(1.f, sum[r]) : 0.f;
+    const int mi = r / 2, h = r % 2;
+    if constexpr (kStagedStore) {
+      const uint32_t row = smem_addr(sq) + 4 * (lane % 4);
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        const uint32_t pair = pack2<T>(o[mi][dt][2 * h] * inv, o[mi][dt][2 * h + 1] * inv);
+        asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(row + tile_offset<kM>(lane_row(warp, lane, r), dt)), "r"(pair));
+      }
+    }
+    if (!lr.valid[r]) continue;
     const int pr = tl.r0 + lane_row(warp, lane, r);
     const int token_in_req = div_by(group, pr);
     const long token = tl.q0 + token_in_req;
     const int head = kv_head * int(group.d) + (pr - token_in_req * int(group.d));
-    T* dst = static_cast<T*>(p.out) + token * p.out_stride_n + long(head) * p.out_stride_h + 2 * (lane % 4);
-    const int mi = r / 2, h = r % 2;
+    if constexpr (!kStagedStore) {
+      T* dst = static_cast<T*>(p.out) + token * p.out_stride_n + long(head) * p.out_stride_h + 2 * (lane % 4);
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<typename Elem<T>::Pair*>(dst + 8 * dt) =
-          Elem<T>::from_float2(o[mi][dt][2 * h] * inv, o[mi][dt][2 * h + 1] * inv);
+      for (int dt = 0; dt < D / 8; ++dt) {
+        *reinterpret_cast<typename Elem<T>::Pair*>(dst + 8 * dt) =
+            Elem<T>::from_float2(o[mi][dt][2 * h] * inv, o[mi][dt][2 * h + 1] * inv);
+      }
     }
     if (p.lse && lane % 4 == 0) {
       p.lse[token * p.lse_stride_n + head] = sum[r] > 0.f ? (m[r] * lr.unit(r) + fast_log2(sum[r])) * kLn2 : -CUDART_INF_F;
     }
   }
+  if constexpr (kStagedStore) store_tile(p, tl, sq, kv_head, group);
 }
 
 EB_DEVICE void zero_state(float (&o)[kMmaM][D / 8][4], float (&m)[kLaneRows], float (&l)[kLaneRows]) {
@@ -627,7 +707,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const Pre
   if (tid < kN) slot(kStages - 1)[tid] = next_page;
   QFrags qf;
   if constexpr (!kWgmma) qf.init(smem_addr(sq), warp, lane);
-  const uint32_t q_rows = smem_addr(sq) + (warp / 4) * 64 * 128;  // wgmma: the warpgroup's rows
+  const uint32_t q_rows = smem_addr(sq) + (warp / 4) * 64 * kMmaM * 128;  // wgmma: the warpgroup's rows
 
   float o[kMmaM][D / 8][4], m[kLaneRows], l[kLaneRows];
   zero_state(o, m, l);
@@ -661,7 +741,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const Pre
       cp_async_wait<kStages - 2>();
       fence_proxy_async();
       __syncthreads();
-      qk_wgmma<kN>(s[0], q_rows, kaddr(0));
+      qk_wgmma<kN>(s, q_rows, kaddr(0));
       softmax_of(0);
       pack_p_all(pa, s, l);  // O is still 0: no rescale
     }
@@ -671,13 +751,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const Pre
       __syncthreads();  // tile j + 1 is visible; tile j - 1's stage is free
       issue_ahead(j + kStages - 1);
       wgmma_fence();
-      qk_wgmma_issue<kN>(s[0], q_rows, kaddr(j + 1));
-      pv_wgmma_issue<D>(o[0], pa, vaddr(j));
+      qk_wgmma_issue<kN>(s, q_rows, kaddr(j + 1));
+      pv_wgmma_issue<D>(o, pa, vaddr(j));
       wgmma_wait<1>();
-      fence_accumulators(s[0]);
+      fence_all(s);
       const bool moved = softmax_of(j + 1);
       wgmma_wait<0>();
-      fence_accumulators(o[0]);
+      fence_all(o);
       fence_p(pa);
       if (moved) rescale_o(o, rescale);
       pack_p_all(pa, s, l);
@@ -685,9 +765,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const Pre
     }
     if (n_tiles > 0) {  // the last tile's P V (its V landed before the last iteration)
       wgmma_fence();
-      pv_wgmma_issue<D>(o[0], pa, vaddr(n_tiles - 1));
+      pv_wgmma_issue<D>(o, pa, vaddr(n_tiles - 1));
       wgmma_wait<0>();
-      fence_accumulators(o[0]);
+      fence_all(o);
       fence_p(pa);
     }
   } else {
@@ -706,7 +786,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) prefill_kernel(const Pre
     }
   }
   cp_async_wait<0>();
-  store_rows(p, tl, lr, o, m, l, group, kv_head, warp, lane);
+  store_rows(p, tl, lr, o, m, l, group, kv_head, warp, lane, sq);
 }
 
 // ---------------------------------------------------------------------- planning kernel
