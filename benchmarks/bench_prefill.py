@@ -65,8 +65,9 @@ def ours_variants(q, k, v, bsr, page, with_tiles: bool) -> tuple[dict, torch.Ten
     return result, out
 
 
-def append_case():
-    b, new, cached, page = APPEND
+def append_case(b=APPEND[0], new=APPEND[1], cached=APPEND[2], page=APPEND[3]):
+    """Paged K/V of ``b`` requests with ``cached`` tokens each plus ``new`` (already written), pages scattered;
+    their queries: (q, k_cache, v_cache, block table, seq lens, qo_indptr)."""
     kv_len = cached + new
     pages = b * (-(-kv_len // page))
     kv = torch.randn(2, pages, page, HKV, D, dtype=DTYPE, device="cuda")
