@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import itertools
 import math
 import os
 import platform
@@ -108,20 +109,17 @@ VERIFY: dict[str, Callable[[], None]] = {
 @dataclass(frozen=True)
 class Check:
     name: str
-    compile: Callable[[], None]  # build and load the family's kernels for the target arch
+    specs: tuple[jit.KernelSpec, ...]  # the family's kernels: built and loaded for the target arch
     verify: Callable[[], None] | None  # run them on the GPU against the reference; raise on mismatch
 
 
-def checks() -> list[Check]:
-    """One check per kernel family in the catalog, in catalog order."""
+def checks(arch: str | None = None) -> list[Check]:
+    """One check per kernel family in the catalog for ``arch`` (prefill's tile shapes, hence its
+    kernels, depend on it; None: jit's target arch), in catalog order."""
     families: dict[str, list[jit.KernelSpec]] = {}
-    for spec in catalog.default_specs():
+    for spec in catalog.default_specs(arch=arch):
         families.setdefault(spec.name, []).append(spec)
-
-    def compile_all(specs):
-        return lambda: [jit.load(spec) for spec in specs]  # loading also proves the library links
-
-    return [Check(name, compile_all(specs), VERIFY.get(name)) for name, specs in families.items()]
+    return [Check(name, tuple(specs), VERIFY.get(name)) for name, specs in families.items()]
 
 
 # ----------------------------------------------------------------------- environment
@@ -168,24 +166,25 @@ def _report_environment(arch: str | None) -> None:
     }
     print(f"engine_backend {__version__} self-check")
     for key, value in rows.items():
-        print(f"  {key:<12} {value}")
+        print(f"  {key:<12} {value}", flush=True)
 
 
 # ------------------------------------------------------------------------------ main
-def _run(check: Check, compile_only: bool) -> bool:
+def _run(check: Check, compile_only: bool, load: Callable[[jit.KernelSpec], object]) -> bool:
     t0 = time.perf_counter()
     try:
-        check.compile()
+        for spec in check.specs:
+            load(spec)  # loading also proves the library links
         if not compile_only and check.verify is not None:
             check.verify()
     except Exception as e:  # every failure becomes a FAIL line, with its message
-        print(f"  {check.name:<12} FAIL ({type(e).__name__})\n    " + str(e).replace("\n", "\n    "))
+        print(f"  {check.name:<12} FAIL ({type(e).__name__})\n    " + str(e).replace("\n", "\n    "), flush=True)
         return False
     if compile_only or check.verify:
         status = "PASS (compiled" if compile_only else "PASS (matches the reference"
     else:
         status = "BUILT (no reference check registered"
-    print(f"  {check.name:<12} {status}, {time.perf_counter() - t0:.1f} s)")
+    print(f"  {check.name:<12} {status}, {time.perf_counter() - t0:.1f} s)", flush=True)
     return True
 
 
@@ -195,17 +194,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-only", action="store_true", help="build the kernels; run nothing (no GPU needed)")
     parser.add_argument("--only", action="append", metavar="FAMILY", help="check only this kernel family (repeatable)")
     args = parser.parse_args(argv)
-    known = checks()
+    if args.arch:
+        # Before the check list is made: the catalog's kernels depend on the arch. The kernel
+        # modules the verify steps use build for the arch jit resolves, hence the environment.
+        os.environ[jit.ARCH_ENV] = args.arch
+    known = checks(args.arch)
     selected = [c for c in known if not args.only or c.name in args.only]
     unknown = set(args.only or ()) - {c.name for c in selected}
     if unknown:
         parser.error(f"unknown kernel families {sorted(unknown)}; known: {[c.name for c in known]}")
-    if args.arch:
-        os.environ[jit.ARCH_ENV] = args.arch  # the kernel modules build for the arch jit resolves
     _report_environment(args.arch)
     if not args.compile_only and not torch.cuda.is_available():
         print("checks\n  SKIPPED: no GPU (use --arch 90a --compile-only to check that the kernels compile)")
         return 0
-    print("checks")
-    ok = [_run(check, args.compile_only) for check in selected]
+    print("checks", flush=True)
+    try:
+        arch = jit.target_arch(args.arch)
+    except jit.JitBuildError:
+        arch = None  # every load fails with jit's message, reported per check
+    total, done = sum(len(c.specs) for c in selected), itertools.count(1)
+
+    def load(spec):
+        return catalog.build_one(spec, arch, next(done), total, load=True)
+
+    ok = [_run(check, args.compile_only, load) for check in selected]
     return 0 if all(ok) else 1

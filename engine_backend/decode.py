@@ -7,15 +7,16 @@ Usage (the plan/run split)::
     out = dec.run(q, k_cache, v_cache)                          # once per layer
 
 ``plan`` launches a one-CTA planning kernel that reads the lengths on the device and writes
-the work split into buffers this object owns (see ``kernels/csrc/decode.h`` for the cost
-model): it never waits for the device, costs one launch, and can run ahead of a CUDA-graph
+the work split into buffers this object owns (see ``kernels/csrc/decode/planner.cuh`` for the
+cost model): it never waits for the device, costs one launch, and can run ahead of a CUDA-graph
 replay. ``run`` launches the attention kernel on a fixed grid and reads only those buffers,
 the BSR ``indices`` and the tensors passed to it, so one captured graph serves every batch up
 to ``max_batch_size`` (the row count is read from the plan on the device).
 
 The grid holds as many CTAs per SM as fit (two for head dims up to 128), except for batches of
-at most ``SMALL_BATCH`` requests, which get one CTA per SM: measured on an H100, one is faster
-for a few long requests and two for many requests (RESULTS.md, decode). ``plan`` picks the grid
+at most ``SMALL_BATCH`` requests, which get one CTA per SM: one is faster for a few long
+requests and two for many requests, because a CTA stops streaming at each request boundary to
+merge its warps' states and a second CTA on the SM streams meanwhile. ``plan`` picks the grid
 from the batch and ``run`` launches it. The choice only ever shrinks with the batch, so a graph
 captured at a batch size launches a grid at least as large as any batch up to that size plans
 for (a plan's CTAs beyond the grid would be missing; CTAs beyond the plan exit at once).
@@ -24,31 +25,17 @@ for (a plan's CTAs beyond the grid would be missing; CTAs beyond the plan exit a
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .cache import check_plan_input, check_run_inputs
+from .checks import check_plan_input, check_run_inputs, cuda_device, wrapper_args
 from .format import BSR
-from .kernels import dtype_params, jit
+from .kernels import jit, specs
 from .support import check_supported
 from .variants import DEFAULT, Variant
 
 HEAD_TILE = 16  # query heads of one KV head computed together (the MMA's rows)
-REQUEST_OVERHEAD = 32  # cost of a request beyond its KV tokens, in tokens (see decode.h)
+REQUEST_OVERHEAD = 32  # cost of a request beyond its KV tokens, in tokens (see kernels/csrc/decode/planner.cuh)
 SMALL_BATCH = 16  # batches up to this many requests run one CTA per SM (see the module docstring)
-
-
-def _cuda_device(device) -> torch.device:
-    device = torch.device("cuda" if device is None else device)
-    if device.type != "cuda":
-        raise ValueError(f"kernels run on CUDA devices, got {device}")
-    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-
-
-def kernel_spec(dtype: torch.dtype, head_dim: int, variant: Variant) -> jit.KernelSpec:
-    params = dict(dtype_params(dtype), HEAD_DIM=head_dim, **variant.template_args())
-    return jit.KernelSpec.make("decode", ("decode.cu", "decode_ops.cpp"), params)
 
 
 class BatchDecode:
@@ -74,9 +61,10 @@ class BatchDecode:
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
         self.page_size, self.dtype, self.variant = page_size, dtype, variant
         self.max_batch_size = max_batch_size
-        self.sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
-        self.device = _cuda_device(device)
-        self._ops = jit.load(kernel_spec(dtype, head_dim, variant))
+        self.sm_scale = wrapper_args(sm_scale=sm_scale, head_dim=head_dim, max_batch_size=max_batch_size,
+                                     ctas_per_sm=ctas_per_sm)
+        self.device = cuda_device(device)
+        self._ops = jit.load(specs.decode_spec(dtype, head_dim, variant))
         self.head_tiles = -(-(num_qo_heads // num_kv_heads) // HEAD_TILE)
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         with torch.cuda.device(self.device):
@@ -94,7 +82,7 @@ class BatchDecode:
 
     def _alloc_buffers(self) -> None:
         rows, ctas, tiles = self.max_batch_size, self.ctas, self.num_kv_heads * self.head_tiles
-        plan_ints = 4 + (rows + 1) + 6 * rows + (ctas + 1) + 6 * ctas + rows * tiles  # decode.h, DecodePlan
+        plan_ints = int(self._ops.plan_ints(rows, ctas, tiles))  # the kernel's layout (decode/params.h)
         self._plan = torch.zeros(plan_ints, dtype=torch.int32, device=self.device)
         slots = rows + ctas  # every CTA boundary adds at most one piece
         self._work_o = torch.empty(slots, self.num_qo_heads, self.head_dim, dtype=torch.float32, device=self.device)
@@ -127,6 +115,7 @@ class BatchDecode:
         out, alibi = check_run_inputs(
             q, k_cache, v_cache, out, rows=self._rows, heads=hq, kv_heads=self.num_kv_heads, head_dim=self.head_dim,
             page_size=self.page_size, dtype=self.dtype, alibi=self.variant.alibi, alibi_slopes=alibi_slopes,
+            device=self.device,
         )
         lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device) if return_lse else None
         self._ops.run(

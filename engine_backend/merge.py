@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import jit
-from .kernels.catalog import merge_spec
-
+from .kernels import jit, specs
 
 
 def _ops(dtype: torch.dtype):
-    return jit.load(merge_spec(dtype))
+    return jit.load(specs.merge_state_spec(dtype))
 
 
 def _check(v: torch.Tensor, lse: torch.Tensor, name: str) -> None:

@@ -31,15 +31,13 @@ kernel of the plan it was captured after, so plans before its replays must pick 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from .cache import check_plan_input, check_run_inputs
-from .decode import _cuda_device
+from .checks import check_plan_input, check_run_inputs, cuda_device, wrapper_args
 from .format import BSR
-from .kernels import dtype_params, jit
+from .kernels import jit, specs
 from .support import check_supported
 from .variants import DEFAULT, Variant
 
@@ -65,25 +63,22 @@ class TileShape:
             raise ValueError(f"a wgmma tile needs whole warpgroups and 64 or 128 keys, got {self}")
 
 
-# Measured side by side (scripts/prefill_experiment.py, results/prefill-h200-s14/, bf16, Hq=32, Hkv=8,
-# D=128): 4 warps x 64 keys (two CTAs per SM, FlashInfer fa2's shape) from 1024 query tokens per request up
-# and on 512-token appends onto long caches (on par with or up to 3 % ahead of 8 warps x 64 keys, one CTA
-# per SM), 4 warps x 32 keys on 256-token prefills (1-3 % ahead; even with the long shape since the row sums
-# went to the tensor cores, results/prefill-h200-s15/). Other head dims keep the one shape they were tuned with.
+# The mma.sync shapes at head dim 128: long queries (and appends onto long caches) on 4 warps x 64 keys, two
+# CTAs per SM, where fewer softmax steps per key pay; short ones on 4 warps x 32 keys, where less of each K/V
+# tile lies past the causal diagonal. Other head dims keep the one shape tuned for them (tile_shapes).
 _SHAPES = {128: (TileShape(4, 32), TileShape(4, 64))}
 LONG_QUERY_TOKENS = 512  # mean query tokens per request from which a plan takes the long shape
 
 
-# Hopper (H200, same shapes): wgmma on 4 warps x 64 keys (128 rows, two CTAs per SM) is ahead of the mma.sync
-# shapes everywhere (+15-20 %, results/prefill-h200-s17/exp-run2.log); 8 warps x 128 keys (64 rows per
-# warpgroup, three stages with P V overlapping the next softmax, one CTA per SM) gains a little more where
-# queries see long KV (+2 % at 1 x 8192, +7 % on the 512-token append onto 8192; +3-5 % on appends onto
-# 1536-7680 cached tokens, switch-run2.log) and loses on short requests (-11 % at 16 x 1024, -22 % at 64 x 256).
+# Hopper (sm_90a) at head dim 128 runs wgmma, ahead of the mma.sync shapes on every shape: 4 warps x 64 keys
+# (128 rows per warpgroup, two CTAs per SM) by default; 8 warps x 128 keys (64 rows per warpgroup, three stages
+# with P V overlapping the next softmax, one CTA per SM) where queries see long KV, which it streams faster;
+# it loses on short requests.
 _HOPPER_SHAPES = {128: (TileShape(4, 64, "wgmma"), TileShape(8, 128, "wgmma"))}
-# Mean keys a query sees (KV per request less half its queries) from which a Hopper plan takes its long shape
-# (scripts/prefill_switch_point.py, results/prefill-h200-s17/switch-run3.log): prefills are within 1-2 % on either
-# shape from 4096 tokens (2048) up and 2-13 % faster on the short one below; 512-token appends run 4-5 % faster on
-# the long shape from 1536 cached tokens (1792) up.
+# Mean keys a query sees (KV per request less half its queries) from which a Hopper plan takes its long shape:
+# where the long shape stops losing (scripts/prefill_switch_point.py times both around it). Prefills run as
+# fast on either shape from 4096 tokens per request (2048 keys per query) up and faster on the short one
+# below; 512-token appends run faster on the long shape from about 1536 cached tokens (1792) up.
 HOPPER_LONG_KEYS_PER_QUERY = 1792
 
 
@@ -109,23 +104,15 @@ def check_tile(tile: TileShape, head_dim: int, arch: str) -> None:
 def pick_tile(short: TileShape, long: TileShape, num_tokens: int | None, rows: int,
               num_kv_tokens: int | None = None) -> TileShape:
     """The tile shape a plan of ``num_tokens`` queries over ``rows`` requests (holding ``num_kv_tokens``
-    keys, if known) runs. Unknown counts take the long shape: measured
-    (results/prefill-h200-s14/final-h100-prefill-exp.log), it loses less on short queries (4 % at 64 x 256)
-    than the short shape does on long ones (3-6 % from 16 x 1024 up and on the append). The Hopper pair
-    goes by the keys a query sees (a prefill's query count stands in for its unknown KV count)."""
+    keys, if known) runs. Unknown counts take the long shape, which loses less on short queries than the
+    short shape loses on long ones. The Hopper pair goes by the keys a query sees (a prefill's query count
+    stands in for its unknown KV count)."""
     if num_tokens is None:
         return long
     if short.mainloop == long.mainloop == "wgmma":
         kv = num_kv_tokens if num_kv_tokens is not None else num_tokens
         return long if kv - num_tokens / 2 >= HOPPER_LONG_KEYS_PER_QUERY * max(1, rows) else short
     return long if num_tokens >= LONG_QUERY_TOKENS * max(1, rows) else short
-
-
-def kernel_spec(dtype: torch.dtype, head_dim: int, variant: Variant, tile: TileShape | None = None) -> jit.KernelSpec:
-    tile = tile or tile_shapes(head_dim)[0]
-    params = dict(dtype_params(dtype), HEAD_DIM=head_dim, WARPS=tile.warps, KV_TILE=tile.kv_tile,
-                  WGMMA=int(tile.mainloop == "wgmma"), **variant.template_args())
-    return jit.KernelSpec.make("prefill", ("prefill.cu", "prefill_ops.cpp"), params)
 
 
 class BatchPrefill:
@@ -154,21 +141,21 @@ class BatchPrefill:
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
         self.page_size, self.dtype, self.variant, self.causal = page_size, dtype, variant, causal
         self.max_batch_size, self.max_num_tokens = max_batch_size, max_num_tokens
-        self.sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
-        if not self.sm_scale > 0:  # the kernel folds the scale into exp2 after a max of raw scores
-            raise ValueError(f"sm_scale must be positive, got {self.sm_scale}")
-        self.device = _cuda_device(device)
+        self.sm_scale = wrapper_args(sm_scale=sm_scale, head_dim=head_dim, max_batch_size=max_batch_size,
+                                     max_num_tokens=max_num_tokens)
+        self.device = cuda_device(device)
         arch = jit.target_arch()
         self.short_tile, self.long_tile = (tile, tile) if tile else tile_shapes(head_dim, arch)
         for shape in (self.short_tile, self.long_tile):
             check_tile(shape, head_dim, arch)
-        self._kernels = {shape: jit.load(kernel_spec(dtype, head_dim, variant, shape))
+        self._kernels = {shape: jit.load(specs.prefill_spec(dtype, head_dim, variant, shape))
                          for shape in (self.short_tile, self.long_tile)}
         self._tile_rows = {shape: int(ops.tile_rows()) for shape, ops in self._kernels.items()}
         self.group = num_qo_heads // num_kv_heads
         self.tile = self.short_tile  # the shape of the last plan
         self.max_tiles = max(self._tiles_bound(max_num_tokens, max_batch_size, shape) for shape in self._kernels)
-        plan_ints = 4 + 5 * self.max_tiles  # header, per-tile request records (int4) and indices
+        # The kernels' plan layout (prefill/params.h), the same for every tile shape.
+        plan_ints = max(int(ops.plan_ints(self.max_tiles)) for ops in self._kernels.values())
         self._plan = torch.zeros(plan_ints, dtype=torch.int32, device=self.device)
         self._indices: torch.Tensor | None = None
         self._rows = 0
@@ -208,6 +195,7 @@ class BatchPrefill:
         out, alibi = check_run_inputs(
             q, k_cache, v_cache, out, rows=tokens, heads=hq, kv_heads=self.num_kv_heads, head_dim=d,
             page_size=self.page_size, dtype=self.dtype, alibi=self.variant.alibi, alibi_slopes=alibi_slopes,
+            device=self.device,
         )
         lse = torch.empty(tokens, hq, dtype=torch.float32, device=q.device) if return_lse else None
         launch_tiles = min(self._tiles_bound(tokens, self._rows, self.tile), self.max_tiles)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import jit
-
-SPEC = jit.KernelSpec.make("token_table", ("token_table.cu", "token_table_ops.cpp"))
+from .kernels import jit, specs
 
 
 def applies(req_to_token: torch.Tensor) -> bool:
@@ -36,6 +34,6 @@ def build(
     device = req_to_token.device
     indptr = torch.empty(rows + 1, dtype=torch.int32, device=device)
     kv_lens = torch.empty(rows, dtype=torch.int32, device=device)
-    jit.load(SPEC).build(req_to_token, req_indices.contiguous(), seq_lens.contiguous(), page_size, indptr, indices,
-                         kv_lens)
+    ops = jit.load(specs.token_table_spec())
+    ops.build(req_to_token, req_indices.contiguous(), seq_lens.contiguous(), page_size, indptr, indices, kv_lens)
     return indptr, kv_lens

@@ -119,10 +119,10 @@ def prefill_libraries() -> list[str]:
     import torch
 
     from engine_backend import prefill
-    from engine_backend.kernels import jit
+    from engine_backend.kernels import jit, specs
     from engine_backend.variants import DEFAULT
 
-    return [str(jit.build(prefill.kernel_spec(torch.bfloat16, 128, DEFAULT, tile), "90a"))
+    return [str(jit.build(specs.prefill_spec(torch.bfloat16, 128, DEFAULT, tile), "90a"))
             for tile in prefill.tile_shapes(128)]
 
 

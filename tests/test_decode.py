@@ -10,7 +10,6 @@ import torch
 
 from engine_backend import BSR, decode, reference
 from engine_backend.decode import BatchDecode
-from engine_backend.kernels import jit
 from engine_backend.variants import Variant
 
 from paged_inputs import TOL, decode_batch, poisoned_like, rel_err
@@ -133,7 +132,7 @@ def test_decode_cuda_graph_replay_serves_smaller_batches(max_b):
 
 @pytest.mark.parametrize("ctas_per_sm", [1, 2])
 def test_decode_explicit_ctas_per_sm(ctas_per_sm):
-    """Fewer CTAs than fit (a tuning choice, see RESULTS.md) compute the same attention."""
+    """Fewer CTAs per SM than fit (the `ctas_per_sm` choice) compute the same attention."""
     dec = BatchDecode(32, 8, 128, 16, max_batch_size=40, ctas_per_sm=ctas_per_sm)
     assert dec.small_batch_ctas == dec.ctas  # a fixed grid: no small-batch switch
     rng = random.Random(ctas_per_sm)
@@ -174,7 +173,7 @@ def test_decode_rejects_bad_inputs_before_launch():
 
 def test_decode_reads_a_fused_qkv_slice_in_place():
     """SGLang hands attention a column slice of the fused QKV projection; the adapter passes it as it is."""
-    from engine_backend.adapters.common import query_rows
+    from engine_backend.adapters.common.queries import query_rows
 
     hq, hkv, dim = 32, 8, 128
     q, k, v, bsr = decode_batch([700, 1, 64, 2000], 1, hq, hkv, dim, torch.bfloat16, "sglang")
@@ -189,50 +188,31 @@ def test_decode_reads_a_fused_qkv_slice_in_place():
     assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
-# Planner builds scripts/decode_experiment.py times against the default (decode.cu's EB_DECODE_ALIGN and
-# EB_DECODE_SLACK_TOKENS): checked here so that each comparison is between correct kernels.
-PLANNER_EXPERIMENTS = {"stream-K": ("-DEB_DECODE_ALIGN=0", "-DEB_DECODE_SLACK_TOKENS=0"),
-                       "slack-0": ("-DEB_DECODE_SLACK_TOKENS=0",), "slack-512": ("-DEB_DECODE_SLACK_TOKENS=512",),
-                       "pack": ("-DEB_DECODE_PACK=128",)}
-
-
-def experiment_build(monkeypatch, flags):
-    """BatchDecode objects made while this is in force load the decode kernels built with ``flags``."""
-    shipped = decode.kernel_spec
-
-    def spec(dtype, dim, variant):
-        base = shipped(dtype, dim, variant)
-        return jit.KernelSpec.make(base.name, base.sources, dict(base.params), cuda_flags=flags)
-
-    monkeypatch.setattr(decode, "kernel_spec", spec)
-
-
-@pytest.mark.parametrize("lens", [[256] * 32, [128] * 40, [300, 0, 5, 0] * 12, [32768] + [512] * 127, "ragged"],
-                         ids=["32x256", "40x128", "empty-rows", "skewed", "ragged"])
-@pytest.mark.parametrize("page_size", [1, 16])
-@pytest.mark.parametrize("flags", PLANNER_EXPERIMENTS.values(), ids=PLANNER_EXPERIMENTS.keys())
-def test_decode_planner_experiments_match_the_reference(monkeypatch, flags, page_size, lens):
-    experiment_build(monkeypatch, flags)
-    if lens == "ragged":
-        lens = random_lens(random.Random(7), 40, 600)
-    run_case(lens, page_size, 32, 8, 128, torch.bfloat16)
-
-
-def test_aligned_planner_gives_each_request_to_one_cta(monkeypatch):
+def test_aligned_planner_gives_each_request_to_one_cta():
     """A uniform batch of one request fewer than the grid's CTAs, each request a little over a share: the
-    default plan gives each request its own CTA (no partial states), the stream-K split cuts requests."""
-    def plan_header(dec):
-        q, k, v, bsr = decode_batch([256] * rows, 1, 32, 8, 128, torch.bfloat16)
-        dec.plan(bsr)
-        return dec._plan[:4].tolist()  # rows, total cost, CTAs used, partial-state slots
-
-    shipped = BatchDecode(32, 8, 128, 1, max_batch_size=256)
-    rows = shipped.ctas - 1
+    plan gives each request its own CTA (no partial states) where an equal split of the KV would cut them."""
+    dec = BatchDecode(32, 8, 128, 1, max_batch_size=256)
+    rows = dec.ctas - 1
     assert rows > decode.SMALL_BATCH  # the two-CTAs-per-SM grid, whose CTA count the plan sees
-    assert plan_header(shipped)[2:] == [rows, 0]
-    experiment_build(monkeypatch, PLANNER_EXPERIMENTS["stream-K"])
-    header = plan_header(BatchDecode(32, 8, 128, 1, max_batch_size=256))
-    assert header[2] == shipped.ctas and header[3] > 0
+    q, k, v, bsr = decode_batch([256] * rows, 1, 32, 8, 128, torch.bfloat16)
+    dec.plan(bsr)
+    assert dec._plan[:4].tolist()[2:] == [rows, 0]  # CTAs used, partial-state slots
+    out = dec.run(q, k, v)
+    ref, _ = reference.attention(q, k, v, bsr)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+def test_plan_buffer_size_is_the_kernels():
+    """The wrapper sizes its plan buffer by the op's report (the kernel's layout, written once in C++)."""
+    rows = 40
+    dec = BatchDecode(32, 8, 128, 16, max_batch_size=rows)
+    tiles = dec.num_kv_heads * dec.head_tiles
+    need = dec._ops.plan_ints(rows, dec.ctas, tiles)
+    assert dec._plan.numel() == need
+    # The layout: header, cost starts, six per-request arrays, CTA starts, first request and first segment
+    # (five fields) per CTA, one semaphore per (request, head tile).
+    assert need == 4 + (rows + 1) + 6 * rows + (dec.ctas + 1) + 6 * dec.ctas + rows * tiles
+    run_case([100, 7, 3000], 16, 32, 8, 128, torch.bfloat16, dec=dec)
 
 
 def test_long_requests_keep_the_stream_k_split():

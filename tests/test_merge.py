@@ -13,9 +13,7 @@ import pytest
 import torch
 
 from engine_backend import merge, reference
-
-DTYPES = [torch.float16, torch.bfloat16]
-HEAD_DIMS = [64, 128, 256]
+from engine_backend.kernels import DTYPES, HEAD_DIMS
 NH = [(1, 1), (5, 4), (130, 32), (1000, 3)]
 
 

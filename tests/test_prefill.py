@@ -192,7 +192,7 @@ def test_prefill_rejects_bad_inputs():
 
 def test_prefill_reads_a_fused_qkv_slice_in_place():
     """SGLang hands attention a column slice of the fused QKV projection; the adapter passes it as it is."""
-    from engine_backend.adapters.common import query_rows
+    from engine_backend.adapters.common.queries import query_rows
 
     hq, hkv, dim = 32, 8, 128
     q, k, v, bsr = paged_batch([100, 1, 37], [300, 50, 37], 1, hq, hkv, dim, torch.bfloat16, layout="sglang")
@@ -209,9 +209,18 @@ def test_prefill_reads_a_fused_qkv_slice_in_place():
         assert rel_err(out, ref) < TOL[torch.bfloat16], pre.tile
 
 
+def test_prefill_plan_buffer_size_is_the_kernels():
+    """The wrapper sizes its plan buffer by the op's report (the kernel's layout, written once in C++)."""
+    pre = BatchPrefill(32, 8, 128, 16, max_batch_size=8, max_num_tokens=1024)
+    for ops in pre._kernels.values():
+        assert pre._plan.numel() == ops.plan_ints(pre.max_tiles) == 4 + 5 * pre.max_tiles
+    q, k, v, bsr = paged_batch([100, 1, 37], [300, 50, 37], 16, 32, 8, 128, torch.bfloat16)
+    check(pre, q, k, v, bsr, causal=True)
+
+
 @pytest.mark.parametrize("heads", [(12, 4), (20, 4), (28, 4), (18, 3), (14, 2)], ids=lambda h: f"group{h[0] // h[1]}")
 def test_prefill_group_sizes_not_powers_of_two(heads):
-    """Packed rows split into (token, head) by the group size through a multiply-high (prefill.h's Divisor):
+    """Packed rows split into (token, head) by the group size through a multiply-high (prefill/params.h's Divisor):
     groups 3, 5, 6 and 7, over ragged rows, both tile shapes."""
     rng = random.Random(heads[0])
     q_lens, kv_lens = ragged_lens(rng, 6, 300)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from engine_backend.kernels import catalog
 import pytest
 
+from engine_backend.kernels import catalog
+from engine_backend.kernels.specs import prefill_spec
 from engine_backend.prefill import (
     LONG_QUERY_TOKENS,
     HOPPER_LONG_KEYS_PER_QUERY,
     TileShape,
     check_tile,
-    kernel_spec,
     pick_tile,
     tile_shapes,
 )
@@ -36,10 +36,12 @@ def test_head_dim_128_has_two_shapes_others_one():
 
 
 def test_each_shape_is_its_own_specialization_and_in_the_catalog():
-    specs = {kernel_spec(torch.bfloat16, 128, DEFAULT, shape) for shape in tile_shapes(128)}
+    specs = {prefill_spec(torch.bfloat16, 128, DEFAULT, shape) for shape in tile_shapes(128)}
     assert len(specs) == 2
-    assert specs <= set(catalog.default_specs(with_test_variants=False))
-    params = dict(kernel_spec(torch.bfloat16, 128, DEFAULT, TileShape(8, 64)).params)
+    assert specs <= set(catalog.default_specs(with_test_variants=False, arch="80"))
+    hopper = {prefill_spec(torch.bfloat16, 128, DEFAULT, shape) for shape in tile_shapes(128, "90a")}
+    assert hopper <= set(catalog.default_specs(with_test_variants=False, arch="90a"))
+    params = dict(prefill_spec(torch.bfloat16, 128, DEFAULT, TileShape(8, 64)).params)
     assert (params["WARPS"], params["KV_TILE"]) == ("8", "64")
 
 
@@ -60,8 +62,8 @@ def test_wgmma_tiles_are_checked_before_any_build():
 
 
 def test_mainloop_is_a_template_parameter():
-    mma = dict(kernel_spec(torch.bfloat16, 128, DEFAULT, TileShape(4, 64)).params)
-    wgmma = dict(kernel_spec(torch.bfloat16, 128, DEFAULT, TileShape(4, 64, "wgmma")).params)
+    mma = dict(prefill_spec(torch.bfloat16, 128, DEFAULT, TileShape(4, 64)).params)
+    wgmma = dict(prefill_spec(torch.bfloat16, 128, DEFAULT, TileShape(4, 64, "wgmma")).params)
     assert (mma["WGMMA"], wgmma["WGMMA"]) == ("0", "1")
     for dim in (64, 128, 256):
         assert all(shape.mainloop == "mma" for shape in tile_shapes(dim))  # no arch: what every sm80+ GPU runs
@@ -82,3 +84,16 @@ def test_hopper_plans_take_the_long_wgmma_shape_for_long_kv_only():
     assert pick_tile(short, long, num_tokens=16 * 1024, rows=16, num_kv_tokens=16 * 1024) == short
     assert pick_tile(short, long, num_tokens=None, rows=4) == long  # unknown count
     assert pick_tile(*tile_shapes(128), num_tokens=8 * 512, rows=8, num_kv_tokens=0) == tile_shapes(128)[1]
+
+
+def test_plan_buffer_size_is_reported_by_the_kernel(cuda_home, kernel_cache, monkeypatch):
+    """The plan buffer's layout is written once, in C++ (prefill/params.h); the op reports its size, which
+    BatchPrefill allocates. Loading needs no GPU: the ops register with torch."""
+    from engine_backend.kernels import jit
+
+    monkeypatch.setenv(jit.CACHE_ENV, str(kernel_cache))
+    ops = jit.load(prefill_spec(torch.bfloat16, 128, DEFAULT, tile_shapes(128)[1]), "90a")
+    # a 4-int header, then per tile an int4 request record and its index within the request
+    assert [int(ops.plan_ints(n)) for n in (0, 1, 100)] == [4, 9, 504]
+    with pytest.raises(RuntimeError, match="max_tiles >= 0"):
+        ops.plan_ints(-1)

@@ -55,19 +55,19 @@ def test_loops_are_backward_branches_with_their_bodies():
 def test_our_prefill_loop_holds_whole_tiles_of_mmas(cuda_home, kernel_cache, monkeypatch):
     """Per warp, one K/V tile of kN keys costs 32 rows x kN keys x 128 dims of QK and as much of
     PV: kN / 32 * 128 HMMA (m16n8k16), plus kN / 8 for the row sums of P on 64-key tiles (one MMA per
-    16 keys and 16 rows, EB_PREFILL_MMA_ROWSUM). The hottest loop must hold whole tiles of them."""
+    16 keys and 16 rows, traits.cuh's kMmaRowSum). The hottest loop must hold whole tiles of them."""
     try:
         sass_stats.cuobjdump()
     except SystemExit:
         pytest.skip("no cuobjdump (neither in CUDA_HOME nor beside triton)")
     from engine_backend import prefill
-    from engine_backend.kernels import jit
+    from engine_backend.kernels import jit, specs
     from engine_backend.variants import DEFAULT
 
     monkeypatch.setenv(jit.CACHE_ENV, str(kernel_cache))
     for tile in prefill.tile_shapes(128):
-        lib = jit.build(prefill.kernel_spec(torch.bfloat16, 128, DEFAULT, tile), "90a")
-        (kernel,) = [ins for n, ins in sass_stats.parse(sass_stats.sass_of(str(lib))).items() if "prefill_kernel" in n]
+        lib = jit.build(specs.prefill_spec(torch.bfloat16, 128, DEFAULT, tile), "90a")
+        (kernel,) = [ins for n, ins in sass_stats.parse(sass_stats.sass_of(str(lib))).items() if "attention_kernel" in n]
         hot = sass_stats.loops(kernel)[0]
         per_tile = tile.kv_tile // 32 * 128 + (tile.kv_tile // 8 if tile.kv_tile >= 64 else 0)
         assert hot.mmas >= per_tile and hot.mmas % per_tile == 0, (tile, hot.mmas)
@@ -81,13 +81,13 @@ def test_wgmma_prefill_loop_issues_whole_tiles_of_warpgroup_mmas(cuda_home, kern
     except SystemExit:
         pytest.skip("no cuobjdump (neither in CUDA_HOME nor beside triton)")
     from engine_backend import prefill
-    from engine_backend.kernels import jit
+    from engine_backend.kernels import jit, specs
     from engine_backend.variants import DEFAULT
 
     monkeypatch.setenv(jit.CACHE_ENV, str(kernel_cache))
     for tile in (prefill.TileShape(4, 64, "wgmma"), prefill.TileShape(8, 128, "wgmma")):
-        lib = jit.build(prefill.kernel_spec(torch.bfloat16, 128, DEFAULT, tile), "90a")
-        (kernel,) = [ins for n, ins in sass_stats.parse(sass_stats.sass_of(str(lib))).items() if "prefill_kernel" in n]
+        lib = jit.build(specs.prefill_spec(torch.bfloat16, 128, DEFAULT, tile), "90a")
+        (kernel,) = [ins for n, ins in sass_stats.parse(sass_stats.sass_of(str(lib))).items() if "attention_kernel" in n]
         loops = [loop for loop in sass_stats.loops(kernel) if loop.opcodes["HGMMA"]]
         blocks = 2 if tile.kv_tile == 64 else 1
         per_tile = blocks * (128 // 16 + tile.kv_tile // 16)

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from ..log import logger
 from ..variants import DEFAULT, Variant
-from . import dtype_params, jit
+from . import DTYPES, HEAD_DIMS, jit
+from .specs import decode_spec, merge_state_spec, prefill_spec, token_table_spec
 
-DTYPES = (torch.bfloat16, torch.float16)
-HEAD_DIMS = (64, 128, 256)
 TEST_VARIANTS = (Variant(logits_soft_cap=30.0), Variant(window_left=100), Variant(alibi=True))
-
-
-def merge_spec(dtype: torch.dtype) -> jit.KernelSpec:
-    return jit.KernelSpec.make("merge_state", ("merge_state.cu", "merge_state_ops.cpp"), dtype_params(dtype))
 
 
 def _target_arch(arch: str | None) -> str | None:
@@ -26,29 +22,41 @@ def _target_arch(arch: str | None) -> str | None:
 
 def default_specs(with_test_variants: bool = True, arch: str | None = None) -> list[jit.KernelSpec]:
     """For ``arch`` (default: jit's target arch, if one is known): prefill tile shapes are per arch."""
-    from ..decode import kernel_spec as decode_spec
-    from ..prefill import kernel_spec as prefill_spec, tile_shapes
+    from ..prefill import tile_shapes
 
     arch = _target_arch(arch)
 
     def prefill_specs(dtype, dim, variant):  # a BatchPrefill loads one kernel per tile shape
         return [prefill_spec(dtype, dim, variant, tile) for tile in dict.fromkeys(tile_shapes(dim, arch))]
 
-    from ..token_table import SPEC as token_table_spec
-
-    specs = [token_table_spec, *(merge_spec(d) for d in DTYPES)]
+    found = [token_table_spec(), *(merge_state_spec(d) for d in DTYPES)]
     for dtype in DTYPES:
         for dim in HEAD_DIMS:
-            specs += [decode_spec(dtype, dim, DEFAULT), *prefill_specs(dtype, dim, DEFAULT)]
+            found += [decode_spec(dtype, dim, DEFAULT), *prefill_specs(dtype, dim, DEFAULT)]
     if with_test_variants:
         for variant in TEST_VARIANTS:
-            specs += [decode_spec(torch.bfloat16, 128, variant), *prefill_specs(torch.bfloat16, 128, variant)]
-    return specs
+            found += [decode_spec(torch.bfloat16, 128, variant), *prefill_specs(torch.bfloat16, 128, variant)]
+    return found
+
+
+def describe(spec: jit.KernelSpec) -> str:
+    """``name`` and the template values that tell its specializations apart, for progress lines."""
+    values = " ".join(f"{k}={v}" for k, v in spec.params if k != "TORCH_DTYPE")
+    return f"{spec.name} {values}".strip()
+
+
+def build_one(spec: jit.KernelSpec, arch: str | None, index: int, total: int, load: bool = False):
+    """Build ``spec`` (``load``: and load it, which proves the library links), saying first which of
+    how many it is: ahead-of-time builds take minutes. (A compile then logs its start and seconds.)"""
+    where = f" (sm_{arch})" if arch else ""
+    logger().info(f"building {index}/{total}: {describe(spec)}{where} ...")
+    return jit.load(spec, arch) if load else jit.build(spec, arch)
 
 
 def prebuild(arch: str, specs: list[jit.KernelSpec] | None = None) -> list:
     """Compile every spec for ``arch`` (no GPU needed) into the JIT cache."""
-    return [jit.build(spec, arch) for spec in (specs if specs is not None else default_specs(arch=arch))]
+    todo = default_specs(arch=arch) if specs is None else specs
+    return [build_one(spec, arch, i, len(todo)) for i, spec in enumerate(todo, 1)]
 
 
 if __name__ == "__main__":

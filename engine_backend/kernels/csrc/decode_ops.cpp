@@ -3,7 +3,7 @@
 
 #include <optional>
 
-#include "decode.h"
+#include "decode/params.h"
 #include "torch_utils.h"
 
 namespace {
@@ -11,26 +11,21 @@ namespace {
 constexpr at::ScalarType kDtype = ${TORCH_DTYPE};
 constexpr int kHeadDim = ${HEAD_DIM};
 
-// The plan lives in one int32 buffer; this carves it into the arrays of eb::DecodePlan.
+// The plan lives in one int32 buffer (layout: decode/params.h); this points eb::DecodePlan into it.
 eb::DecodePlan carve_plan(const at::Tensor& buf, int64_t max_rows, int64_t ctas, int64_t head_tiles_total) {
   TORCH_CHECK(buf.scalar_type() == at::kInt && buf.is_contiguous(), "plan buffer must be contiguous int32");
-  const int64_t need = 4 + (max_rows + 1) + 6 * max_rows + (ctas + 1) + 6 * ctas + max_rows * head_tiles_total;
+  const int64_t need = eb::decode_plan_ints(max_rows, ctas, head_tiles_total);
   TORCH_CHECK(buf.numel() >= need, "plan buffer too small: ", buf.numel(), " < ", need);
-  int32_t* p = buf.data_ptr<int32_t>();
   eb::DecodePlan plan;
-  plan.header = p, p += 4;
-  plan.cost_start = p, p += max_rows + 1;
-  plan.kv_begin = p, p += max_rows;
-  plan.kv_len = p, p += max_rows;
-  plan.page_ptr = p, p += max_rows;
-  plan.cta_start = p, p += ctas + 1;
-  plan.first_row = p, p += ctas;
-  plan.first_seg = p, p += 5 * ctas;
-  plan.first_cta = p, p += max_rows;
-  plan.pieces = p, p += max_rows;
-  plan.piece_base = p, p += max_rows;
-  plan.semaphores = p;
+  eb::decode_plan_layout(max_rows, ctas, head_tiles_total, &plan, buf.data_ptr<int32_t>());
   return plan;
+}
+
+// Size of the plan buffer, in int32s, for the sizes plan() and run() will be called with.
+int64_t plan_ints(int64_t max_rows, int64_t ctas, int64_t head_tiles_total) {
+  TORCH_CHECK(max_rows >= 0 && ctas >= 1 && head_tiles_total >= 1,
+              "plan_ints: need max_rows >= 0, ctas >= 1, head_tiles_total >= 1");
+  return eb::decode_plan_ints(max_rows, ctas, head_tiles_total);
 }
 
 void plan(const at::Tensor& indptr, const at::Tensor& kv_lens, const at::Tensor& plan_buf, int64_t max_rows,
@@ -81,4 +76,5 @@ TORCH_LIBRARY(EB_NAMESPACE, m) {
         "int overhead, float sm_scale, float soft_cap, int window_left) -> ()",
         &run);
   m.def("max_ctas_per_sm() -> int", &max_ctas_per_sm);
+  m.def("plan_ints(int max_rows, int ctas, int head_tiles_total) -> int", &plan_ints);
 }

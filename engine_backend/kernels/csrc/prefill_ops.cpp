@@ -3,7 +3,7 @@
 
 #include <optional>
 
-#include "prefill.h"
+#include "prefill/params.h"
 #include "torch_utils.h"
 
 namespace {
@@ -11,18 +11,19 @@ namespace {
 constexpr at::ScalarType kDtype = ${TORCH_DTYPE};
 constexpr int kHeadDim = ${HEAD_DIM};
 
-// The plan lives in one int32 buffer; this carves it into the arrays of eb::PrefillPlan.
+// The plan lives in one int32 buffer (layout: prefill/params.h); this points eb::PrefillPlan into it.
 eb::PrefillPlan carve_plan(const at::Tensor& buf, int64_t max_tiles) {
   TORCH_CHECK(buf.scalar_type() == at::kInt && buf.is_contiguous(), "plan buffer must be contiguous int32");
-  const int64_t need = 4 + 5 * max_tiles;
+  const int64_t need = eb::prefill_plan_ints(max_tiles);
   TORCH_CHECK(buf.numel() >= need, "plan buffer too small: ", buf.numel(), " < ", need);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(buf.data_ptr()) % 16 == 0, "plan buffer must be 16-byte aligned");
-  int32_t* p = buf.data_ptr<int32_t>();
-  eb::PrefillPlan plan;
-  plan.header = p, p += 4;
-  plan.tile = reinterpret_cast<int4*>(p), p += 4 * max_tiles;
-  plan.tile_idx = p;
-  return plan;
+  return eb::prefill_plan_at(buf.data_ptr<int32_t>(), max_tiles);
+}
+
+// Size of the plan buffer, in int32s, for plans of at most max_tiles query tiles.
+int64_t plan_ints(int64_t max_tiles) {
+  TORCH_CHECK(max_tiles >= 0, "plan_ints: need max_tiles >= 0, got ", max_tiles);
+  return eb::prefill_plan_ints(max_tiles);
 }
 
 void plan(const at::Tensor& qo_indptr, const at::Tensor& indptr, const at::Tensor& kv_lens, const at::Tensor& plan_buf,
@@ -44,7 +45,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   c10::cuda::CUDAGuard guard(q.device());
   eb::PrefillParams p{};
   eb::fill_paged_io(p, q, k, v, indices, page_size, out, lse, kDtype, kHeadDim);
-  // The kernel addresses Q, K and V rows with 32-bit byte strides (prefill.cu's mad_wide).
+  // The kernel addresses Q, K and V rows with 32-bit byte strides (prefill/loads.cuh's mad_wide).
   for (int64_t stride : {p.q_stride_n, p.q_stride_h, p.k_stride_page, p.k_stride_tok, p.v_stride_page, p.v_stride_tok}) {
     TORCH_CHECK(stride >= 0 && stride * q.element_size() < (int64_t(1) << 31),
                 "Q token/head and K/V page/token strides must be below 2^31 bytes, got a stride of ", stride,
@@ -71,4 +72,5 @@ TORCH_LIBRARY(EB_NAMESPACE, m) {
         "float soft_cap, int window_left) -> ()",
         &run);
   m.def("tile_rows() -> int", &tile_rows);
+  m.def("plan_ints(int max_tiles) -> int", &plan_ints);
 }

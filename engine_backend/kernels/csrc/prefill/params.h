@@ -1,9 +1,10 @@
-// Host-side interface of the prefill / append kernels (plain C++, no torch).
+// Host-side interface of the prefill / append kernels (plain C++, no torch): the launch parameters, the
+// work plan and the layout of its buffer, and the entry points prefill.cu defines for prefill_ops.cpp.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "variant_params.h"
+#include "../variant_params.h"
 
 namespace eb {
 
@@ -13,14 +14,29 @@ namespace eb {
 // loaded serves all query heads of its group. Each tile carries its request's numbers, so a CTA
 // reads them in one load rather than through a tile -> request indirection.
 struct PrefillPlan {
-  int32_t* header;  // [2] rows, query tiles
-  int4* tile;       // [max_tiles] {first query, query count, KV length, first page index} of its request
+  int32_t* header;    // [2] rows, query tiles (4 ints reserved, so the int4 records start 16-byte aligned)
+  int4* tile;         // [max_tiles] {first query, query count, KV length, first page index} of its request
   int32_t* tile_idx;  // [max_tiles] index of the tile within its request
 };
 
+// The one definition of the plan buffer's layout, in int32s: header, tile records, tile indices.
+constexpr int64_t kPrefillPlanHeader = 4;
+constexpr int64_t prefill_plan_ints(int64_t max_tiles) { return kPrefillPlanHeader + 5 * max_tiles; }
+
+// The plan's arrays inside a buffer of at least prefill_plan_ints(max_tiles) int32s starting at `base`
+// (16-byte aligned).
+inline PrefillPlan prefill_plan_at(int32_t* base, int64_t max_tiles) {
+  PrefillPlan plan;
+  plan.header = base;
+  plan.tile = reinterpret_cast<int4*>(base + kPrefillPlanHeader);
+  plan.tile_idx = base + kPrefillPlanHeader + 4 * max_tiles;
+  return plan;
+}
+
 // A divisor fixed per launch, with its magic number: n / d as one multiply-high, an add and a shift on the
-// device (prefill.cu's div_by) instead of the ~20-instruction integer division sequence, for 0 <= n < 2^31.
-// Granlund & Montgomery's round-up method: shift = ceil(log2 d), magic = floor(2^32 (2^shift - d) / d) + 1.
+// device (prefill/tile.cuh's div_by) instead of the ~20-instruction integer division sequence, for
+// 0 <= n < 2^31. Granlund & Montgomery's round-up method: shift = ceil(log2 d),
+// magic = floor(2^32 (2^shift - d) / d) + 1.
 struct Divisor {
   uint32_t d, magic, shift;
 };
@@ -52,6 +68,7 @@ struct PrefillParams {
   VariantParams variant;
 };
 
+// Defined by each build's prefill.cu for its one specialization.
 int prefill_tile_rows();  // query rows (token x head pairs) per tile
 void prefill_plan_launch(const int32_t* qo_indptr, const int32_t* indptr, const int32_t* kv_lens, int rows,
                          const PrefillPlan& plan, int group, int max_tiles, cudaStream_t stream);
