@@ -65,6 +65,24 @@ def _softmax_state(s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torc
     return out, lse.transpose(0, 1)
 
 
+def _check_inputs(q, k_cache, v_cache, kv: BSR, variant: Variant, alibi_slopes) -> None:
+    """The shapes ``attention`` reads by, which the kernels' ``run()`` checks as well: a mismatch
+    would give an answer, just not the attention of these inputs."""
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.dim() != 4:
+        raise ValueError(f"q must be [tokens, Hq, D] and the caches [pages, page_size, Hkv, D], got "
+                         f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    hq, hkv = q.shape[1], k_cache.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of KV heads {hkv}")
+    if k_cache.shape[1:] != (kv.page_size, hkv, q.shape[2]) or v_cache.shape[1:3] != (kv.page_size, hkv):
+        raise ValueError(f"the caches must be [pages, {kv.page_size} (the BSR's page size), Hkv, {q.shape[2]}], "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if kv.num_rows and q.shape[0] < int(kv.qo_indptr[-1]):
+        raise ValueError(f"q has {q.shape[0]} rows but the BSR's queries number {int(kv.qo_indptr[-1])}")
+    if alibi_slopes is not None and not variant.alibi:
+        raise ValueError("alibi_slopes given to a variant without ALiBi (Variant(alibi=True) adds them)")
+
+
 def attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -76,11 +94,9 @@ def attention(
     variant: Variant = DEFAULT,
     alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_inputs(q, k_cache, v_cache, kv, variant, alibi_slopes)
     total_q, hq, d = q.shape
-    hkv = k_cache.shape[2]
-    if hq % hkv:
-        raise ValueError(f"query heads {hq} must be a multiple of KV heads {hkv}")
-    group = hq // hkv
+    group = hq // k_cache.shape[2]
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros(total_q, hq, v_cache.shape[-1], dtype=compute, device=q.device)

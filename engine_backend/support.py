@@ -10,11 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import CUDA_TYPES
+from .checks import is_integer
+from .kernels import DTYPES, HEAD_DIMS  # what the kernels are built for: defined there once
 from .variants import DEFAULT, Variant
 
-HEAD_DIMS = (64, 128, 256)
-DTYPES = tuple(CUDA_TYPES)  # fp16, bf16
 PAGE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # per-token addressing: any power of two
 MAX_GROUP = 64  # query heads per KV head
 
@@ -48,17 +47,20 @@ def check_supported(
     variant: Variant = DEFAULT,
 ) -> None:
     """Raise ValueError naming what is supported if this configuration is not."""
+    if not isinstance(variant, Variant):
+        raise ValueError(f"variant must be an engine_backend.Variant, got {type(variant).__name__}")
     kv_dtype = dtype if kv_dtype is None else kv_dtype
     problems = []
-    if head_dim not in HEAD_DIMS:
+    if not is_integer(head_dim) or head_dim not in HEAD_DIMS:
         problems.append(f"head dim {head_dim}")
     if dtype not in DTYPES:
         problems.append(f"dtype {dtype}")
     if kv_dtype != dtype:
         problems.append(f"KV cache dtype {kv_dtype} differing from the query dtype {dtype}")
-    if page_size not in PAGE_SIZES:
+    if not is_integer(page_size) or page_size not in PAGE_SIZES:
         problems.append(f"page size {page_size}")
-    if num_kv_heads <= 0 or num_qo_heads % num_kv_heads:
+    if not (is_integer(num_qo_heads) and is_integer(num_kv_heads)) or min(num_qo_heads, num_kv_heads) <= 0 \
+            or num_qo_heads % num_kv_heads:
         problems.append(f"{num_qo_heads} query heads over {num_kv_heads} KV heads")
     elif num_qo_heads // num_kv_heads > MAX_GROUP:
         problems.append(f"{num_qo_heads // num_kv_heads} query heads per KV head")

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .checks import as_finite, as_int
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -26,10 +28,16 @@ class Variant:
     alibi: bool = False
 
     def __post_init__(self):
-        if self.logits_soft_cap < 0:
-            raise ValueError(f"logits_soft_cap must be >= 0, got {self.logits_soft_cap}")
-        if self.window_left < -1:
-            raise ValueError(f"window_left must be -1 (off) or >= 0, got {self.window_left}")
+        # Normalised to float / int / bool so equal variants hash equal (one JIT specialization each).
+        cap = as_finite("logits_soft_cap", self.logits_soft_cap, minimum=0.0)
+        window = as_int("window_left", self.window_left)
+        if window < -1:
+            raise ValueError(f"window_left must be -1 (off) or >= 0, got {window}")
+        if isinstance(self.alibi, (float, str)) or self.alibi not in (True, False):
+            raise ValueError(f"alibi must be a bool, got {self.alibi!r} ({type(self.alibi).__name__})")
+        object.__setattr__(self, "logits_soft_cap", cap)
+        object.__setattr__(self, "window_left", window)
+        object.__setattr__(self, "alibi", bool(self.alibi))
 
     @property
     def is_default(self) -> bool:

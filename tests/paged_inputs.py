@@ -23,7 +23,7 @@ def scattered_block_table(kv_lens: list[int], page_size: int, spare_pages: int =
 
 
 def layout_kv(pool: int, page_size: int, heads: int, dim: int, dtype, layout: str, device="cuda"):
-    """K and V caches as the views each engine hands us (see engine_backend.cache)."""
+    """K and V caches as the views each engine hands us (see engine_backend.checks)."""
     shape = (pool, page_size, heads, dim)
     if layout == "vllm":  # [2, pages, P, H, D]
         kv = torch.randn(2, *shape, dtype=dtype, device=device)

@@ -103,6 +103,47 @@ def test_number_elements_split_across_chunks_decode_whole(tmp_path):
     assert list(ArrayReader(path, chunk_bytes=2)) == [12345, 67890, 3]
 
 
+def test_numbers_whose_first_digits_decode_alone_split_across_chunks(tmp_path):
+    path = tmp_path / "numbers.json"
+    path.write_text("[1.5, -2e3, 7E+1, 0.25]")  # "1" of "1.5" decodes by itself at a chunk's end
+    assert list(ArrayReader(path, chunk_bytes=1)) == [1.5, -2000.0, 70.0, 0.25]
+
+
+# Every kind of token a cut can end inside: literals, numbers, escapes, surrogate pairs, nesting.
+TOKENS = [{"t": True, "f": False, "n": None, "x": -12.5e+3, "s": "q\u00e9\\\"\n\t \U0001F600 \u6f22",
+           "l": [1, 0, -0.0, 1e5, []], "o": {}}, 123456, -7, "str", None, True, 1.5, {"k": [None]}]
+
+
+@pytest.mark.parametrize("ensure_ascii", [True, False])  # True writes \\uXXXX escapes and surrogate pairs
+def test_cut_at_every_byte_inside_any_token_is_a_cut(tmp_path, ensure_ascii):
+    full = json.dumps(TOKENS, ensure_ascii=ensure_ascii).encode()
+    path = tmp_path / "cut.json"
+    for chunk_bytes in (1, 1 << 20):
+        for cut in range(len(full)):
+            path.write_bytes(full[:cut])
+            reader = ArrayReader(path, chunk_bytes=chunk_bytes)
+            got = list(reader)
+            # A number that reaches the cut may itself be cut ("12" of "123456"): never yielded.
+            assert got == TOKENS[: len(got)] and reader.truncated is True, (cut, got)
+
+
+def test_corrupt_element_followed_by_more_elements_is_an_error_not_a_cut(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[{"id": "a"}, {"id": "b", "x": tru}, {"id": "c"}]')
+    with pytest.raises(ValueError, match="element 1 is corrupt"):
+        list(ArrayReader(path))
+
+
+@pytest.mark.parametrize("chunk_bytes", [3, 1 << 20])
+def test_a_control_character_anywhere_is_corruption(tmp_path, chunk_bytes):
+    full = json.dumps(TOKENS).encode()
+    path = tmp_path / "bad.json"
+    for i in range(1, len(full) - 1):  # up to the closing bracket: the array is whole but for the fault
+        path.write_bytes(full[:i] + b"\x01" + full[i + 1 :])
+        with pytest.raises(ValueError):
+            list(ArrayReader(path, chunk_bytes=chunk_bytes))
+
+
 def test_first_exchange_needs_human_then_gpt_with_text():
     assert sharegpt.first_exchange(conversation(1)).prompt.startswith("question 1")
     assert sharegpt.first_exchange(conversation(2, first="gpt")) is None

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine_backend import BSR
+from engine_backend.format import lengths_to_indptr
 
 I32 = torch.int32
 
@@ -94,7 +95,7 @@ def test_from_block_table_accepts_int64_inputs_and_custom_qo_indptr():
 def test_from_block_table_rejects_bad_shapes():
     with pytest.raises(ValueError, match="2-D"):
         BSR.from_block_table(torch.zeros(4, dtype=I32), torch.zeros(4, dtype=I32), 1)
-    with pytest.raises(ValueError, match=r"seq_lens must have shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"kv_lens must have shape \(2,\)"):
         BSR.from_block_table(torch.zeros(2, 3, dtype=I32), torch.zeros(3, dtype=I32), 1)
 
 
@@ -133,7 +134,7 @@ def test_from_token_table_with_no_requests():
 
 def test_from_token_table_capacity_too_small_is_refused():
     req_to_token, req_indices = token_table_case([30, 30], 1, width=32, pool_rows=2)
-    with pytest.raises(ValueError, match=r"indptr\[-1\] = 60 exceeds len\(indices\) = 50"):
+    with pytest.raises(ValueError, match="the rows list 60 pages but capacity is 50"):
         BSR.from_token_table(req_to_token, req_indices, torch.tensor([30, 30]), capacity=50)
 
 
@@ -212,17 +213,23 @@ def test_indices_shorter_than_indptr_is_refused():
 def test_wrong_row_counts_and_page_size_are_refused():
     with pytest.raises(ValueError, match="needs indptr and qo_indptr of 3 entries"):
         make(qo_indptr=torch.tensor([0, 1], dtype=I32)).validate()
-    with pytest.raises(ValueError, match="page_size must be a positive int"):
+    with pytest.raises(ValueError, match="page_size must be >= 1, got 0"):
         make(page_size=0).validate()
 
 
-def test_page_ids_out_of_range_are_caught_in_debug_mode():
+def test_page_ids_out_of_range_are_refused_on_cpu_tensors():
     bad = make(indices=torch.tensor([5, 8, 7], dtype=I32))  # page 8 of 8 pages
-    bad.validate(debug=False, num_pages=8)  # not checked outside debug mode (it costs a sync on GPU)
-    with pytest.raises(ValueError, match=r"row 0: page ids \[5, 8\] out of range \[0, 8\)"):
-        bad.validate(debug=True, num_pages=8)
+    bad.validate(num_pages=9)
+    for debug in (False, True):  # CPU values cost no device sync: checked in either mode
+        with pytest.raises(ValueError, match=r"row 0: page ids \[5, 8\] out of range \[0, 8\)"):
+            bad.validate(debug=debug, num_pages=8)
     with pytest.raises(ValueError, match="out of range"):
-        make(indices=torch.tensor([5, 1, -1], dtype=I32)).validate(debug=True, num_pages=8)
+        make(indices=torch.tensor([5, 1, -1], dtype=I32)).validate(num_pages=8)
+
+
+def test_negative_page_ids_are_refused_without_num_pages():
+    with pytest.raises(ValueError, match=r"row 1: page ids \[-3\] negative"):
+        make(indices=torch.tensor([5, 1, -3], dtype=I32)).validate()
 
 
 def test_debug_mode_ignores_pages_a_row_lists_but_does_not_read():
@@ -231,13 +238,18 @@ def test_debug_mode_ignores_pages_a_row_lists_but_does_not_read():
     BSR.from_block_table(table, torch.tensor([4, 5], dtype=I32), 4).validate(debug=True, num_pages=5)
 
 
-def test_debug_default_comes_from_the_environment(monkeypatch):
-    bad = make(indices=torch.tensor([5, 9, 7], dtype=I32))
-    monkeypatch.setenv("ENGINE_BACKEND_DEBUG", "1")
-    with pytest.raises(ValueError, match="out of range"):
-        bad.validate(num_pages=8)
+def meta_bsr() -> BSR:
+    """A BSR on a device whose values cannot be read: the meta device stands in for a GPU."""
+    return BSR(**{k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in good_fields().items()})
+
+
+def test_device_values_are_read_only_in_debug_mode(monkeypatch):
     monkeypatch.setenv("ENGINE_BACKEND_DEBUG", "0")
-    bad.validate(num_pages=8)
+    meta_bsr().validate(num_pages=8)  # shapes and dtypes only: no device sync
+    monkeypatch.setenv("ENGINE_BACKEND_DEBUG", "1")
+    with pytest.raises(NotImplementedError):  # debug mode reads the values (meta has none to read)
+        meta_bsr().validate(num_pages=8)
+    meta_bsr().validate(debug=False, num_pages=8)
 
 
 # ------------------------------------------------------------------------------- GPU
@@ -250,15 +262,22 @@ def engine_inputs(device: str) -> dict[str, torch.Tensor]:
         req_to_token=req_to_token,
         req_indices=req_indices,
         kv_indptr=torch.tensor([0, 3, 3, 10], dtype=I32),
+        table_indptr=torch.arange(0, 4 * 9, 4, dtype=I32),  # a persistent arange, wider than the batch
+        out=torch.zeros(80, dtype=I32),
     )
     return {k: v.to(device) for k, v in inputs.items()}
 
 
 def construct_all(x: dict[str, torch.Tensor]) -> dict[str, BSR]:
+    table, lens = x["table"], x["seq_lens"]
+    tokens = (x["req_to_token"], x["req_indices"], lens)
     return {
-        "block_table": BSR.from_block_table(x["table"], x["seq_lens"], 16),
-        "token_table": BSR.from_token_table(x["req_to_token"], x["req_indices"], x["seq_lens"], page_size=16, capacity=64),
+        "block_table": BSR.from_block_table(table, lens, 16),
+        "block_table_indptr": BSR.from_block_table(table, lens, 16, indptr=x["table_indptr"][:5], num_pages=1000),
+        "token_table": BSR.from_token_table(*tokens, page_size=16, capacity=64),
+        "token_table_out": BSR.from_token_table(*tokens, page_size=16, capacity=64, out=x["out"], num_pages=10**6),
         "ragged": BSR.from_ragged(x["kv_indptr"], 10),
+        "lengths": lengths_to_indptr(lens),
     }
 
 
@@ -274,12 +293,16 @@ def test_constructors_never_synchronize(monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(b.device.type == "cuda" for b in built.values())
+    assert built["token_table_out"].indices is inputs["out"]
 
 
 @pytest.mark.gpu
 def test_gpu_constructors_match_cpu():
     cpu, gpu = construct_all(engine_inputs("cpu")), construct_all(engine_inputs("cuda"))
     for name in cpu:
+        if isinstance(cpu[name], torch.Tensor):
+            assert torch.equal(cpu[name], gpu[name].cpu()), name
+            continue
         for field in ("indptr", "indices", "kv_lens", "qo_indptr"):
             assert torch.equal(getattr(cpu[name], field), getattr(gpu[name], field).cpu()), (name, field)
 
@@ -309,7 +332,7 @@ def test_token_table_kernel_gives_the_torch_ops_arrays(page_size, index_dtype, r
     for capacity in (exact, exact + 50):  # a larger capacity's tail must come back zeroed
         cpu = token_table_on("cpu", seq_lens, page_size, width, index_dtype, capacity, seed=rows)
         gpu = token_table_on("cuda", seq_lens, page_size, width, index_dtype, capacity, seed=rows)
-        assert gpu.indices.shape == (capacity,)
+        assert gpu.indices.shape == (capacity + 7,)  # out itself, not a view of its first entries
         for field in ("indptr", "indices", "kv_lens", "qo_indptr"):
             assert torch.equal(getattr(cpu, field), getattr(gpu, field).cpu()), (field, capacity)
         assert row_slots(gpu) == row_slots(cpu)

@@ -257,3 +257,23 @@ def test_merge_states_of_lse_weights_is_a_softmax():
     out, out_lse = reference.merge_states(v, lse, torch.tensor([0, 3], dtype=torch.int32))
     torch.testing.assert_close(out[0, 0], torch.softmax(lse[:, 0], 0))
     torch.testing.assert_close(out_lse[0, 0], torch.logsumexp(lse[:, 0], 0))
+
+
+def test_cache_page_size_differing_from_the_bsrs_is_refused():
+    # Read with the cache's own page size, the rows' tokens would come from the wrong slots.
+    q, k_cache, v_cache, bsr, _ = make_case([8, 5], [1, 1], page_size=4)
+    with pytest.raises(ValueError, match=r"the caches must be \[pages, 4 \(the BSR's page size\)"):
+        reference.attention(q, k_cache.view(-1, 2, *k_cache.shape[2:]), v_cache.view(-1, 2, *v_cache.shape[2:]), bsr)
+
+
+def test_fewer_query_rows_than_the_bsr_lists_are_refused():
+    q, k_cache, v_cache, bsr, _ = make_case([8, 5], [3, 2])
+    with pytest.raises(ValueError, match="q has 4 rows but the BSR's queries number 5"):
+        reference.attention(q[:4], k_cache, v_cache, bsr)
+
+
+def test_alibi_slopes_without_an_alibi_variant_are_refused():
+    # Silently ignored, they would hide a variant that lost its ALiBi flag.
+    q, k_cache, v_cache, bsr, _ = make_case([4], [1])
+    with pytest.raises(ValueError, match="alibi_slopes given to a variant without ALiBi"):
+        reference.attention(q, k_cache, v_cache, bsr, alibi_slopes=torch.ones(q.shape[1], dtype=F64))
