@@ -11,8 +11,8 @@ Each configuration runs in its own child process (SGLang spawns its scheduler th
   bf16 kernels must agree within it, or the check is not trustworthy and FAILS);
 * ``ours`` / ``ours_paged``: ``attention_backend="engine_backend"`` with page size 1 (radix
   cache default) / 16;
-* ``fault``: ``ours`` with ``ENGINE_BACKEND_SGLANG_FAULT=drop_last_kv`` (every request
-  attends to one KV token fewer): it MUST fail the comparison, or the check proves nothing.
+* ``fault``: ``ours`` with ``ENGINE_BACKEND_FAULT=drop_last_kv`` (every request attends to
+  one KV token fewer): it MUST fail the comparison, or the check proves nothing.
 
 Every child first smoke-generates text with SGLang's dummy weights. Those weights are uniform
 in +-1e-3, so attention is uniform and every backend produces the same tokens whatever it
@@ -62,8 +62,9 @@ import sys
 import tempfile
 import time
 
-FAULT_ENV = "ENGINE_BACKEND_SGLANG_FAULT"
-FAULT = "drop_last_kv"
+from engine_backend.adapters.common.faults import DROP_LAST_KV as FAULT
+from engine_backend.adapters.common.faults import FAULT_ENV
+
 MEAN_TOL = 0.05  # nats, mean |d logprob| over compared tokens
 MAX_TOL = 0.3  # nats, any single token
 MIN_DECODE_COVERAGE = 0.5  # fraction of decode steps compared before greedy paths part

@@ -8,8 +8,8 @@ off so that probes can reach it):
 * ``custom``: ``vllm.LLM(model=DIR, load_format="dummy", attention_backend="CUSTOM")``:
   smoke-generates text, then the checks below;
 * ``flash``: the same with ``FLASH_ATTN``, as calibration and comparison;
-* ``fault``: ``custom`` with ``ENGINE_BACKEND_VLLM_FAULT=drop_last_kv_token``; every check
-  that gates PASS must catch it, or the check proves nothing.
+* ``fault``: ``custom`` with ``ENGINE_BACKEND_FAULT=drop_last_kv`` (every request attends to
+  one KV token fewer); every check that gates PASS must catch it, or the check proves nothing.
 
 vLLM's dummy weights are uniform in +-1e-3, so every backend generates the same tokens; each
 child therefore re-initialises the weights deterministically at a working scale (unit-RMS
@@ -48,11 +48,13 @@ import tempfile
 import time
 import zlib
 
+from engine_backend.adapters.common.faults import DROP_LAST_KV as FAULT
+from engine_backend.adapters.common.faults import FAULT_ENV
+
 ORACLE_TOL = 2.0**-6  # x max|V|, see the module docstring
 CROSS_TOL = 2.0**-5  # x max|V|
 RESCORE_FLOOR = 0.5  # nats
 CAPTURE_SIZES = [1, 2, 4]
-FAULT = "drop_last_kv_token"
 CONFIGS = {
     "custom": dict(backend="CUSTOM", fault=None),
     "flash": dict(backend="FLASH_ATTN", fault=None),
@@ -70,9 +72,9 @@ def main() -> int:
         for name in args.configs:
             out = os.path.join(tmp, f"{name}.pt")
             env = dict(os.environ)
-            env.pop("ENGINE_BACKEND_VLLM_FAULT", None)
+            env.pop(FAULT_ENV, None)
             if CONFIGS[name]["fault"]:
-                env["ENGINE_BACKEND_VLLM_FAULT"] = CONFIGS[name]["fault"]
+                env[FAULT_ENV] = CONFIGS[name]["fault"]
             cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", name, "--out", out]
             start = time.time()
             print(f"=== run {name}: backend {CONFIGS[name]['backend']}, fault {CONFIGS[name]['fault']}", flush=True)

@@ -5,7 +5,7 @@ The backend is driven the way SGLang's ModelRunner drives it -- ``init_forward_m
 ``init_cuda_graph_state`` + ``init_forward_metadata_out_graph`` over the padded views SGLang's
 own graph buffers produce -- with SGLang 0.5.16's real pools writing the K/V.
 
-CPU tests run the backend with ``testing.ReferenceKernels`` (engine_backend.reference) in
+CPU tests run the backend with ``ReferenceKernels`` (engine_backend.reference) in
 place of the CUDA kernels; GPU tests (``gpu`` marker) run the real kernels, eagerly and inside
 a captured ``torch.cuda.CUDAGraph`` replayed on a different batch. Expected outputs come from
 ``naive_attention`` below, which reads each request's tokens as the test generated them and
@@ -25,9 +25,11 @@ else:
 import torch
 from sglang.srt.layers.radix_attention import RadixAttention
 
-from engine_backend.adapters.sglang import testing
+from engine_backend.adapters.common.faults import FAULT_ENV
 from engine_backend.adapters.sglang.backend import EngineBackendAttnBackend
-from engine_backend.adapters.sglang.faults import FAULT_ENV
+
+import sglang_fixtures as fixtures
+from reference_kernels import ReferenceKernels
 
 pytestmark = pytest.mark.sglang
 
@@ -61,7 +63,7 @@ class Scenario:
     def __init__(self, run, seq_lens, shared_prefix_pages=0, seed=0):
         self.run = run
         self.gen = torch.Generator().manual_seed(seed)
-        self.requests = testing.place_requests(run, seq_lens, shared_prefix_pages)
+        self.requests = fixtures.place_requests(run, seq_lens, shared_prefix_pages)
         self.kv = {}  # (layer, request index) -> (keys, values) [len, HKV, D] bf16 on CPU
         for layer in range(len(run.model)):
             for r, n in enumerate(seq_lens):
@@ -78,7 +80,7 @@ class Scenario:
 
     def view(self, lengths):
         """The requests as they stand after ``lengths[r]`` tokens."""
-        return [testing.Request(r.row, r.slots[:n], r.pages) for r, n in zip(self.requests, lengths)]
+        return [fixtures.Request(r.row, r.slots[:n], r.pages) for r, n in zip(self.requests, lengths)]
 
     def cache_tokens(self, lengths_before, lengths_after):
         """Write tokens [before, after) of every request into the pool, as earlier steps did."""
@@ -119,7 +121,7 @@ class Scenario:
 
 
 def backend_for(tmp_path, device, page_size, model=None, layers=2):
-    run = testing.runner(
+    run = fixtures.runner(
         tmp_path,
         page_size=page_size,
         device=device,
@@ -129,7 +131,7 @@ def backend_for(tmp_path, device, page_size, model=None, layers=2):
         model=model,
         config_overrides={"num_hidden_layers": layers},
     )
-    factory = testing.ReferenceKernels if device == "cpu" else None
+    factory = ReferenceKernels if device == "cpu" else None
     backend = EngineBackendAttnBackend(run, **({"kernel_factory": factory} if factory else {}))
     return run, backend
 
@@ -169,13 +171,13 @@ def test_extend_with_prefix_then_decode(tmp_path, device, page_size, layers):
     scene = Scenario(run, final, shared_prefix_pages=32 // page_size)
     prefix, extended = [0, 32, 32], [40, 64, 48]
     scene.cache_tokens([0, 0, 0], prefix)
-    batch = testing.extend_batch(run, scene.view(extended), [e - p for p, e in zip(prefix, extended)])
+    batch = fixtures.extend_batch(run, scene.view(extended), [e - p for p, e in zip(prefix, extended)])
     backend.init_forward_metadata(batch)
     for layer_id, layer in enumerate(run.model):
         q, k, v, expected = scene.step_inputs(layer_id, prefix, extended)
         assert_close(backend.forward(q, k, v, layer, batch), expected)
 
-    batch = testing.decode_batch(run, scene.view(final))
+    batch = fixtures.decode_batch(run, scene.view(final))
     backend.init_forward_metadata(batch)
     for layer_id, layer in enumerate(run.model):
         q, k, v, expected = scene.step_inputs(layer_id, extended, final)
@@ -190,7 +192,7 @@ def test_mixed_batch(tmp_path, device, page_size):
     scene = Scenario(run, [100, 21, 1])
     prefix, final = [60, 20, 0], [100, 21, 1]
     scene.cache_tokens([0, 0, 0], prefix)
-    batch = testing.extend_batch(run, scene.view(final), [f - p for p, f in zip(prefix, final)], mixed=True)
+    batch = fixtures.extend_batch(run, scene.view(final), [f - p for p, f in zip(prefix, final)], mixed=True)
     backend.init_forward_metadata(batch)
     for layer_id, layer in enumerate(run.model):
         q, k, v, expected = scene.step_inputs(layer_id, prefix, final)
@@ -204,7 +206,7 @@ def test_drop_last_kv_fault_breaks_the_output(tmp_path, device, monkeypatch):
     run, backend = backend_for(tmp_path, device, 1)
     scene = Scenario(run, [30, 9])
     scene.cache_tokens([0, 0], [29, 8])
-    batch = testing.decode_batch(run, scene.view([30, 9]))
+    batch = fixtures.decode_batch(run, scene.view([30, 9]))
     backend.init_forward_metadata(batch)
     q, k, v, expected = scene.step_inputs(0, [29, 8], [30, 9])
     out = backend.forward(q, k, v, run.model[0], batch)
@@ -227,7 +229,7 @@ def test_prefill_graph_attention_writes_into_sglangs_output(tmp_path, device):
     scene = Scenario(run, [40, 17])
     prefix, final = [24, 0], [40, 17]
     scene.cache_tokens([0, 0], prefix)
-    batch = testing.extend_batch(run, scene.view(final), [f - p for p, f in zip(prefix, final)])
+    batch = fixtures.extend_batch(run, scene.view(final), [f - p for p, f in zip(prefix, final)])
     real, padded = batch.extend_num_tokens, 48  # 33 real tokens in the 48-token capture bucket
     batch.num_token_non_padded_cpu = real
     backend.init_forward_metadata(batch)
@@ -249,7 +251,7 @@ def test_prefill_graph_attention_writes_into_sglangs_output(tmp_path, device):
         assert_close(output[:real], expected)
         assert bool((output[real:] == 0).all())
         if device == "cpu":  # the reference kernels record the buffer they were given
-            given = backend.kernels.for_layer(layer_id).last_out
+            given = backend.kernels_for(layer_id).prefill.last_out
             assert given is not None and given.data_ptr() == output.data_ptr()
 
 
@@ -268,14 +270,14 @@ def test_an_output_slice_that_does_not_fit_is_not_used():
 
 
 def test_the_query_slice_reaches_the_kernels_without_a_copy(tmp_path, monkeypatch):
-    """SGLang's models hand attention a column slice of the fused QKV projection; copying it cost a kernel per
-    layer (RESULTS.md, SGLang serving, ninth session). The kernels must get the slice's own storage."""
+    """SGLang's models hand attention a column slice of the fused QKV projection; a copy of it would be one more
+    kernel per layer and step. The kernels must get the slice's own storage."""
     from engine_backend.adapters.sglang import backend as backend_module
 
     run, backend = backend_for(tmp_path, "cpu", 1)
     scene = Scenario(run, [5, 9])
     scene.cache_tokens([0, 0], [4, 8])
-    batch = testing.decode_batch(run, scene.view([5, 9]))
+    batch = fixtures.decode_batch(run, scene.view([5, 9]))
     backend.init_forward_metadata(batch)
     q, k, v, expected = scene.step_inputs(0, [4, 8], [5, 9])
     seen = []
@@ -294,7 +296,7 @@ def test_an_extend_beyond_the_prefill_budget_is_refused_at_planning(tmp_path):
     run, backend = backend_for(tmp_path, "cpu", 1)
     backend.setup = dataclasses.replace(backend.setup, max_extend_tokens=39)
     scene = Scenario(run, [40])
-    batch = testing.extend_batch(run, scene.view([40]), [40])
+    batch = fixtures.extend_batch(run, scene.view([40]), [40])
     with pytest.raises(RuntimeError, match="sized for 39 prefill tokens per batch .* got 40; raise --max-prefill-tokens"):
         backend.init_forward_metadata(batch)
 
@@ -302,7 +304,7 @@ def test_an_extend_beyond_the_prefill_budget_is_refused_at_planning(tmp_path):
 def test_attention_before_metadata_is_an_error(tmp_path):
     run, backend = backend_for(tmp_path, "cpu", 1)
     scene = Scenario(run, [5])
-    batch = testing.decode_batch(run, scene.view([5]))
+    batch = fixtures.decode_batch(run, scene.view([5]))
     q, k, v, _ = scene.step_inputs(0, [4], [5])
     with pytest.raises(RuntimeError, match="before its metadata"):
         backend.forward(q, k, v, run.model[0], batch)
@@ -311,7 +313,7 @@ def test_attention_before_metadata_is_an_error(tmp_path):
 def test_unsupported_attention_inputs_are_refused(tmp_path):
     run, backend = backend_for(tmp_path, "cpu", 1)
     scene = Scenario(run, [5])
-    batch = testing.decode_batch(run, scene.view([5]))
+    batch = fixtures.decode_batch(run, scene.view([5]))
     backend.init_forward_metadata(batch)
     q, k, v, _ = scene.step_inputs(0, [4], [5])
     with pytest.raises(NotImplementedError, match="sinks"):
@@ -337,15 +339,15 @@ def test_graph_metadata_path_on_cpu(tmp_path, page_size):
     SGLang's own graph buffers; the planned page ids live in the persistent buffer."""
     run, backend = backend_for(tmp_path, "cpu", page_size)
     backend.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
-    inputs = testing.DecodeGraphInputs(run, max_bs=8, seq_len_fill_value=backend.get_cuda_graph_seq_len_fill_value())
+    inputs = fixtures.DecodeGraphInputs(run, max_bs=8, seq_len_fill_value=backend.get_cuda_graph_seq_len_fill_value())
     for step, (lengths, in_capture) in enumerate([([7, 40, 19], True), ([100, 2, 33], False)]):
         scene = Scenario(run, lengths, seed=step)
         scene.cache_tokens([0] * 3, [n - 1 for n in lengths])
-        batch = testing.decode_batch(run, scene.view(lengths))
+        batch = fixtures.decode_batch(run, scene.view(lengths))
         view = inputs.load(batch, padded_bs=4)
         backend.init_forward_metadata_out_graph(view, in_capture=in_capture)
         assert backend.layout.kv.indices.data_ptr() == backend.graph_indices.data_ptr()
-        static = testing.decode_batch(run, scene.view(lengths))
+        static = fixtures.decode_batch(run, scene.view(lengths))
         static.out_cache_loc = inputs.buffers.out_cache_loc[:4]
         for layer_id, layer in enumerate(run.model):
             q, k, v, expected = graph_step(scene, layer_id, [n - 1 for n in lengths], lengths, 4)
@@ -358,7 +360,7 @@ def test_graph_metadata_refuses_other_modes(tmp_path):
     run, backend = backend_for(tmp_path, "cpu", 1)
     backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
     scene = Scenario(run, [6])
-    batch = testing.extend_batch(run, scene.view([6]), [6])
+    batch = fixtures.extend_batch(run, scene.view([6]), [6])
     with pytest.raises(NotImplementedError, match="DECODE only, not EXTEND"):
         backend.init_forward_metadata_out_graph(batch, in_capture=True)
     with pytest.raises(NotImplementedError, match="one query per request"):
@@ -373,12 +375,12 @@ def test_captured_decode_graph_replays_a_different_batch(tmp_path, page_size):
     run, backend = backend_for(tmp_path, "cuda", page_size)
     layer = run.model[0]
     backend.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
-    inputs = testing.DecodeGraphInputs(run, max_bs=8, seq_len_fill_value=backend.get_cuda_graph_seq_len_fill_value())
+    inputs = fixtures.DecodeGraphInputs(run, max_bs=8, seq_len_fill_value=backend.get_cuda_graph_seq_len_fill_value())
 
     def load(lengths, seed, in_capture):
         scene = Scenario(run, lengths, seed=seed)
         scene.cache_tokens([0] * 3, [n - 1 for n in lengths])
-        batch = testing.decode_batch(run, scene.view(lengths))
+        batch = fixtures.decode_batch(run, scene.view(lengths))
         backend.init_forward_metadata_out_graph(inputs.load(batch, padded_bs=4), in_capture=in_capture)
         return scene, batch, graph_step(scene, 0, [n - 1 for n in lengths], lengths, 4)
 
@@ -409,12 +411,12 @@ def test_planning_never_syncs_with_the_device(tmp_path, page_size):
     Planning runs with torch's sync check set to raise."""
     run, backend = backend_for(tmp_path, "cuda", page_size)
     backend.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
-    inputs = testing.DecodeGraphInputs(run, max_bs=8, seq_len_fill_value=backend.get_cuda_graph_seq_len_fill_value())
+    inputs = fixtures.DecodeGraphInputs(run, max_bs=8, seq_len_fill_value=backend.get_cuda_graph_seq_len_fill_value())
     lengths = [9, 50, 17]
     scene = Scenario(run, lengths, seed=3)
     scene.cache_tokens([0] * 3, [n - 1 for n in lengths])
-    view = inputs.load(testing.decode_batch(run, scene.view(lengths)), padded_bs=4)
-    extend = testing.extend_batch(run, scene.view(lengths), [4, 50, 1])
+    view = inputs.load(fixtures.decode_batch(run, scene.view(lengths)), padded_bs=4)
+    extend = fixtures.extend_batch(run, scene.view(lengths), [4, 50, 1])
     backend.init_forward_metadata_out_graph(view, in_capture=True)  # first plans may allocate
     backend.init_forward_metadata(extend)
     torch.cuda.synchronize()

@@ -3,7 +3,6 @@ features map to kernel variants, and the refusal messages, with SGLang 0.5.16's 
 ServerArgs, ModelConfig, RadixAttention layers and KV pools."""
 
 import json
-import logging
 import os
 
 import pytest
@@ -19,14 +18,17 @@ from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
 from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
 
 from engine_backend import Variant
-from engine_backend.adapters.sglang import testing
+from engine_backend.adapters.common.faults import FAULT_ENV
+from engine_backend.adapters.common.kernels import LayerShape
 from engine_backend.adapters.sglang.backend import EngineBackendAttnBackend
-from engine_backend.adapters.sglang.compat import LayerShape, UnsupportedSetup, check_runner, max_extend_tokens
-from engine_backend.adapters.sglang.faults import FAULT_ENV
+from engine_backend.adapters.sglang.compat import UnsupportedSetup, check_runner, max_extend_tokens
+
+import sglang_fixtures as fixtures
+from reference_kernels import ReferenceKernels
 
 pytestmark = pytest.mark.sglang
 
-CONFIG = testing.LLAMA_LIKE
+CONFIG = fixtures.LLAMA_LIKE
 SCALE = 1.0 / CONFIG["head_dim"] ** 0.5
 
 
@@ -47,7 +49,7 @@ def layer(layer_id, **kwargs):
 # ------------------------------------------------------------------ accepted
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_llama_like_model_is_accepted_with_one_kernel_shape(tmp_path, page_size):
-    run = testing.runner(tmp_path, page_size=page_size, max_requests=8, context_len=512)
+    run = fixtures.runner(tmp_path, page_size=page_size, max_requests=8, context_len=512)
     setup = check_runner(run)
     shape = LayerShape(num_qo_heads=8, num_kv_heads=2, head_dim=64, sm_scale=SCALE, variant=Variant())
     assert setup.layer_shapes == {0: shape, 1: shape}
@@ -77,7 +79,7 @@ def test_window_and_soft_cap_layers_become_variants(tmp_path):
             layer(2, sliding_window_size=127, logit_cap=30.0),
         ]
     )
-    run = testing.runner(tmp_path, model=layers, config_overrides={"num_hidden_layers": 3})
+    run = fixtures.runner(tmp_path, model=layers, config_overrides={"num_hidden_layers": 3})
     setup = check_runner(run)
     windowed = LayerShape(8, 2, 64, SCALE, Variant(logits_soft_cap=30.0, window_left=127))
     full = LayerShape(8, 2, 64, SCALE, Variant(logits_soft_cap=30.0))
@@ -87,23 +89,23 @@ def test_window_and_soft_cap_layers_become_variants(tmp_path):
 
 def test_per_layer_softmax_scale_is_kept(tmp_path):
     layers = torch.nn.ModuleList([layer(0, scaling=0.5), layer(1)])
-    setup = check_runner(testing.runner(tmp_path, model=layers))
+    setup = check_runner(fixtures.runner(tmp_path, model=layers))
     assert setup.layer_shapes[0].sm_scale == 0.5 and setup.layer_shapes[1].sm_scale == SCALE
 
 
 # ------------------------------------------------------------------ refused: kernels
 def test_unsupported_head_dim(tmp_path):
-    run = testing.runner(tmp_path, config_overrides={"head_dim": 96})
+    run = fixtures.runner(tmp_path, config_overrides={"head_dim": 96})
     assert "head dim 96" in refusal(run)
 
 
 def test_fp8_kv_cache(tmp_path):
-    run = testing.runner(tmp_path, kv_cache_dtype=torch.float8_e4m3fn)
+    run = fixtures.runner(tmp_path, kv_cache_dtype=torch.float8_e4m3fn)
     assert "KV cache dtype torch.float8_e4m3fn" in refusal(run)
 
 
 def test_page_size_not_a_power_of_two(tmp_path):
-    assert "page size 24" in refusal(testing.runner(tmp_path, page_size=24))
+    assert "page size 24" in refusal(fixtures.runner(tmp_path, page_size=24))
 
 
 # ------------------------------------------------------------------ refused: layers
@@ -123,18 +125,18 @@ def test_page_size_not_a_power_of_two(tmp_path):
 )
 def test_layer_features_without_kernels(tmp_path, kwargs, expected):
     layers = torch.nn.ModuleList([layer(0), layer(1, **kwargs)])
-    assert expected in refusal(testing.runner(tmp_path, model=layers))
+    assert expected in refusal(fixtures.runner(tmp_path, model=layers))
 
 
 def test_attention_sinks(tmp_path):
     model = torch.nn.Module()
-    model.layers = testing.make_radix_layers(CONFIG)
+    model.layers = fixtures.make_radix_layers(CONFIG)
     model.register_parameter("sinks", torch.nn.Parameter(torch.zeros(8)))
-    assert "attention sinks" in refusal(testing.runner(tmp_path, model=model))
+    assert "attention sinks" in refusal(fixtures.runner(tmp_path, model=model))
 
 
 def test_model_without_radix_attention(tmp_path):
-    assert "no RadixAttention layers" in refusal(testing.runner(tmp_path, model=torch.nn.Linear(2, 2)))
+    assert "no RadixAttention layers" in refusal(fixtures.runner(tmp_path, model=torch.nn.Linear(2, 2)))
 
 
 # ------------------------------------------------------------------ refused: models
@@ -162,14 +164,14 @@ def test_mla_model(tmp_path):
             }
         )
     )
-    run = testing.runner(tmp_path)
+    run = fixtures.runner(tmp_path)
     run.model_config = ModelConfig(model_path=str(mla_dir))
     assert run.model_config.attention_arch.name == "MLA"
     assert "MLA attention" in refusal(run)
 
 
 def test_chunked_local_attention_model(tmp_path):
-    run = testing.runner(tmp_path, config_overrides={"attention_chunk_size": 8192})
+    run = fixtures.runner(tmp_path, config_overrides={"attention_chunk_size": 8192})
     assert run.attention_chunk_size == 8192
     assert "chunked local attention (attention_chunk_size=8192)" in refusal(run)
 
@@ -179,13 +181,13 @@ def test_chunked_local_attention_model(tmp_path):
     [("is_encoder_decoder", "encoder-decoder models"), ("is_multimodal", "multimodal models")],
 )
 def test_model_kinds(tmp_path, attribute, expected):
-    run = testing.runner(tmp_path)
+    run = fixtures.runner(tmp_path)
     setattr(run.model_config, attribute, True)
     assert expected in refusal(run)
 
 
 def test_hybrid_sliding_window_kv_pool(tmp_path):
-    run = testing.runner(tmp_path)
+    run = fixtures.runner(tmp_path)
     run.token_to_kv_pool = SWAKVPool(
         size=256,
         size_swa=64,
@@ -216,20 +218,20 @@ def test_hybrid_sliding_window_kv_pool(tmp_path):
     ],
 )
 def test_serving_modes(tmp_path, attribute, value, expected):
-    run = testing.runner(tmp_path)
+    run = fixtures.runner(tmp_path)
     assert hasattr(run.server_args, attribute)
     setattr(run.server_args, attribute, value)
     assert expected in refusal(run)
 
 
 def test_full_prefill_cuda_graph(tmp_path):
-    run = testing.runner(tmp_path)
+    run = fixtures.runner(tmp_path)
     run.server_args.cuda_graph_config.prefill.backend = "full"
     assert "full prefill CUDA graph" in refusal(run)
 
 
 def test_full_prefill_cuda_graph_is_fine_when_we_only_decode(tmp_path):
-    run = testing.runner(
+    run = fixtures.runner(
         tmp_path, server_overrides={"prefill_attention_backend": "triton", "decode_attention_backend": "engine_backend"}
     )
     assert run.server_args.get_attention_backends() == ("triton", "engine_backend")
@@ -239,18 +241,18 @@ def test_full_prefill_cuda_graph_is_fine_when_we_only_decode(tmp_path):
 
 def test_every_problem_is_named_at_once(tmp_path):
     layers = torch.nn.ModuleList([layer(0, is_cross_attention=True), layer(1)])
-    run = testing.runner(tmp_path, model=layers)
+    run = fixtures.runner(tmp_path, model=layers)
     run.server_args.speculative_algorithm = "EAGLE"
     message = refusal(run)
     assert "speculative decoding" in message and "layer 0: cross-attention" in message
 
 
 # ------------------------------------------------------------------ the backend constructor
-class CountingKernels(testing.ReferenceKernels):
+class CountingKernels(ReferenceKernels):
     built = 0
 
-    def __init__(self, shape, setup):
-        super().__init__(shape, setup)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         type(self).built += 1
 
 
@@ -258,30 +260,30 @@ def test_backend_refuses_before_building_kernels(tmp_path):
     CountingKernels.built = 0
     layers = torch.nn.ModuleList([layer(0, attn_type=AttentionType.ENCODER_ONLY), layer(1)])
     with pytest.raises(UnsupportedSetup, match="non-causal"):
-        EngineBackendAttnBackend(testing.runner(tmp_path, model=layers), kernel_factory=CountingKernels)
+        EngineBackendAttnBackend(fixtures.runner(tmp_path, model=layers), kernel_factory=CountingKernels)
     assert CountingKernels.built == 0
 
 
 def test_backend_builds_kernels_once_per_distinct_shape(tmp_path):
     CountingKernels.built = 0
     layers = torch.nn.ModuleList([layer(0, sliding_window_size=63), layer(1), layer(2, sliding_window_size=63)])
-    run = testing.runner(tmp_path, model=layers, config_overrides={"num_hidden_layers": 3})
+    run = fixtures.runner(tmp_path, model=layers, config_overrides={"num_hidden_layers": 3})
     backend = EngineBackendAttnBackend(run, kernel_factory=CountingKernels)
     assert CountingKernels.built == 2
-    assert backend.kernels.for_layer(0) is backend.kernels.for_layer(2) is not backend.kernels.for_layer(1)
+    assert backend.kernels_for(0) is backend.kernels_for(2) is not backend.kernels_for(1)
+    assert backend.kernels_for(0).shape.variant.window_left == 63 and backend.kernels_for(1).shape.variant.is_default
     with pytest.raises(RuntimeError, match="not layer 7"):
-        backend.kernels.for_layer(7)
+        backend.kernels_for(7)
 
 
 def test_unknown_fault_name_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "drop_everything")
     with pytest.raises(ValueError, match="not a known fault"):
-        EngineBackendAttnBackend(testing.runner(tmp_path), kernel_factory=testing.ReferenceKernels)
+        EngineBackendAttnBackend(fixtures.runner(tmp_path), kernel_factory=ReferenceKernels)
 
 
-def test_fault_injection_is_announced(tmp_path, monkeypatch, caplog):
+def test_fault_injection_is_announced(tmp_path, monkeypatch, package_log):
     monkeypatch.setenv(FAULT_ENV, "drop_last_kv")
-    with caplog.at_level(logging.WARNING):
-        backend = EngineBackendAttnBackend(testing.runner(tmp_path), kernel_factory=testing.ReferenceKernels)
-    assert backend.fault == "drop_last_kv"
-    assert any("FAULT INJECTION" in r.getMessage() for r in caplog.records)
+    backend = EngineBackendAttnBackend(fixtures.runner(tmp_path), kernel_factory=ReferenceKernels)
+    assert backend.dropped_kv_tokens == 1
+    assert any("FAULT INJECTION" in message for message in package_log.messages())

@@ -149,10 +149,3 @@ def test_reinitialised_weights_make_attention_sharp_and_unit_scaled():
     leaders = self_scores[:, :: heads // kv_heads].mean()
     others = self_scores[:, 1 :: heads // kv_heads].mean()
     assert float(leaders) > 2.0 and abs(float(others)) < 0.5
-
-
-def test_the_fault_the_script_sets_is_the_one_the_backend_knows():
-    from engine_backend.adapters.sglang import faults
-
-    assert check.FAULT_ENV == faults.FAULT_ENV
-    assert check.FAULT in faults.FAULTS

@@ -6,6 +6,7 @@ import argparse
 import os
 import subprocess
 import sys
+import textwrap
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from sglang.srt import server_args as sglang_server_args
 from sglang.srt.layers.attention import attention_registry
 from sglang.srt.server_args import ServerArgs, prepare_server_args
 
-from engine_backend.adapters.sglang import BACKEND_NAME, testing
+from engine_backend.adapters.sglang import BACKEND_NAME
 from engine_backend.adapters.sglang.plugin import create_backend, register
+
+import sglang_fixtures as fixtures
 
 pytestmark = pytest.mark.sglang
 
@@ -108,6 +111,37 @@ def test_register_stays_cheap():
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+# ------------------------------------------------------------------ logging
+def test_register_routes_our_messages_through_sglangs_logging():
+    """After register(), a message of ours goes where SGLang's own go and obeys SGLang's level: a fresh
+    interpreter configures logging the way every SGLang process does (``configure_logger`` with
+    ``--log-level``), at "warning" and then at "info"."""
+    code = textwrap.dedent(
+        """
+        import types
+        from sglang.srt.utils.common import configure_logger
+        from engine_backend.adapters.sglang.plugin import register
+        from engine_backend.log import logger
+
+        register()
+        configure_logger(types.SimpleNamespace(log_level="warning"))
+        logger().info("eb-info-at-warning")
+        logger().warning("eb-warning-at-warning")
+        configure_logger(types.SimpleNamespace(log_level="info"))
+        logger().info("eb-info-at-info")
+        print("logger:", logger().name)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "logger: sglang.engine_backend" in result.stdout
+    assert "eb-info-at-warning" not in result.stderr
+    assert "eb-warning-at-warning" in result.stderr and "eb-info-at-info" in result.stderr
+    # SGLang's format ("[date time] message"), not the package's standalone "[engine_backend] ..." one.
+    line = next(line for line in result.stderr.splitlines() if "eb-warning-at-warning" in line)
+    assert line.startswith("[") and "[engine_backend]" not in line
+
+
 # ------------------------------------------------------------------ launchers
 @pytest.mark.parametrize("module", ["sglang.launch_server", "sglang.cli.serve"])
 def test_launchers_load_plugins_before_parsing_arguments(module):
@@ -125,7 +159,7 @@ def test_fresh_process_runs_launch_server_sequence(tmp_path):
     """What `python -m sglang.launch_server ... --attention-backend engine_backend` does before
     starting the server, in a new interpreter that knows nothing of us but the installed
     entry point (as each SGLang process does)."""
-    model = testing.write_model_config(tmp_path / "model")
+    model = fixtures.write_model_config(tmp_path / "model")
     code = (
         "from sglang.srt.plugins import load_plugins; load_plugins(); "
         "from sglang.srt.server_args import prepare_server_args; "
@@ -166,7 +200,7 @@ def test_parser_accepts_the_name_on_every_attention_flag(unregistered, flag):
 def test_server_args_resolve_our_backend_per_phase(tmp_path, flags, resolved):
     """The full ServerArgs resolution (sglang serve's path) keeps our name for each phase."""
     register()
-    model = testing.write_model_config(tmp_path / "model")
+    model = fixtures.write_model_config(tmp_path / "model")
     args = prepare_server_args(["--model-path", str(model), "--device", "cpu", "--skip-tokenizer-init", *flags])
     assert args.get_attention_backends() == resolved
 
@@ -181,7 +215,7 @@ def test_example_config_parses_with_sglang_serve_config_flag(tmp_path, config):
     """`sglang serve --model-path M --config FILE` merges FILE through SGLang's own
     ConfigArgumentMerger into the same parser; every key must be a valid flag."""
     register()
-    model = testing.write_model_config(tmp_path / "model")
+    model = fixtures.write_model_config(tmp_path / "model")
     argv = ["--model-path", str(model), "--device", "cpu", "--skip-tokenizer-init", "--config", str(config)]
     args = prepare_server_args(argv)
     assert BACKEND_NAME in args.get_attention_backends()

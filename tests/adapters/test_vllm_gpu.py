@@ -23,7 +23,6 @@ pytestmark = [
 ]
 
 from vllm.config import VllmConfig
-from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
@@ -31,6 +30,8 @@ from engine_backend import BSR
 from engine_backend.adapters.vllm.backend import EngineBackendAttentionBackend
 from engine_backend.adapters.vllm.builder import EngineBackendMetadataBuilder
 from engine_backend.reference import attention
+
+import vllm_fixtures
 
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
@@ -48,38 +49,18 @@ def assert_matches(out, want):
     assert rel < REL_TOL, f"relative L2 error {rel:.3g} >= {REL_TOL}"
 
 
-class StubLayer(AttentionLayerBase):
-    """What vLLM's Attention layer offers the backend: the impl and the KV scales."""
-
-    def __init__(self, impl):
-        self.impl = impl
-        self._k_scale = torch.ones((), device=DEVICE)
-        self._v_scale = torch.ones((), device=DEVICE)
-
-    def get_attn_backend(self):
-        return EngineBackendAttentionBackend
-
-    def get_kv_cache_spec(self, vllm_config):
-        return None
-
-
 def make_impl(**variant):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(DTYPE)  # as vLLM does while building the model
-    try:
-        return EngineBackendAttentionBackend.get_impl_cls()(
-            num_heads=HQ, head_size=D, scale=D**-0.5, num_kv_heads=HKV, kv_cache_dtype="auto", **variant
-        )
-    finally:
-        torch.set_default_dtype(previous)
+    return vllm_fixtures.make_impl(
+        DTYPE, num_heads=HQ, head_size=D, scale=D**-0.5, num_kv_heads=HKV, kv_cache_dtype="auto", **variant
+    )
 
 
 def make_builder(impl):
     config = VllmConfig()
-    config.compilation_config.static_forward_context["layers.0.attn"] = StubLayer(impl)
+    layer = vllm_fixtures.register_layer(config, "layers.0.attn", vllm_fixtures.StubLayer(impl, DEVICE))
     spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=HKV, head_size=D, dtype=DTYPE)
     builder = EngineBackendMetadataBuilder(spec, ["layers.0.attn"], config, torch.device(DEVICE))
-    return builder, config.compilation_config.static_forward_context["layers.0.attn"]
+    return builder, layer
 
 
 class PersistentBatch:
@@ -146,7 +127,7 @@ def reference_output(q, kv_cache, common, impl):
             row,
             causal=True,
             sm_scale=impl.scale,
-            variant=impl.kernel_key.variant,
+            variant=impl.layer_shape.variant,
             alibi_slopes=None if impl.alibi_slopes is None else impl.alibi_slopes.to(DEVICE),
         )[0]
     return out

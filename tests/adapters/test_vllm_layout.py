@@ -22,10 +22,13 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from engine_backend import BSR
-from engine_backend.adapters.common import StridedAranges
+from engine_backend.adapters.common.indptr import StridedAranges
 from engine_backend.adapters.vllm.builder import EngineBackendMetadataBuilder
 from engine_backend.adapters.vllm.layout import step_layout
 from engine_backend.reference import attention
+
+import vllm_fixtures
+from reference_kernels import ReferenceKernels
 
 pytestmark = pytest.mark.vllm
 
@@ -208,29 +211,6 @@ def test_dropped_kv_token_fault_shortens_every_row():
     assert layout.num_prefill_kv_tokens == sum(kv[layout.num_decodes :])
 
 
-class PlanRecorder:
-    def __init__(self):
-        self.calls = []
-
-    def plan(self, bsr, **counts):
-        self.calls.append((bsr, counts))
-
-
-def test_kernel_set_plans_the_prefill_with_its_host_counts():
-    """The prefill wrapper picks its tile shape from the host counts (on Hopper a short append onto a long
-    cache runs the long-KV shape), so the adapter must hand over both."""
-    from engine_backend.adapters.vllm.kernels import KernelSet
-
-    layout = step_layout(BATCHES["mixed"].metadata(), PAGE, StridedAranges("cpu"))
-    kernels = KernelSet.__new__(KernelSet)  # the wrappers alone, without building GPU kernels
-    kernels.decode, kernels.prefill = PlanRecorder(), PlanRecorder()
-    kernels.plan(layout)
-    assert [bsr for bsr, _ in kernels.decode.calls] == [layout.decode]
-    (bsr, counts), = kernels.prefill.calls
-    assert bsr is layout.prefill
-    assert counts == {"num_tokens": 9 + 4 + 6, "num_kv_tokens": 9 + 20 + 6}
-
-
 def test_layout_refuses_zero_length_requests_among_decodes():
     # vLLM puts padding requests last; one ahead of a prefill would misalign decode tokens.
     common = Batch(query_lens=[1, 0, 1, 4], seq_lens=[3, 0, 5, 4]).metadata()
@@ -260,7 +240,7 @@ def test_builder_reorders_decodes_first_and_sizes_from_config(builder):
     assert b.limits.max_prefill_rows == config.scheduler_config.max_num_seqs
     assert b.limits.max_prefill_tokens == config.scheduler_config.max_num_batched_tokens
     assert b.limits.max_decode_rows >= config.scheduler_config.max_num_seqs
-    assert b.cache.page_size == PAGE and b.cache.head_dim == 64
+    assert b.page_size == PAGE and b.dtype == torch.bfloat16
 
 
 def test_builder_build_carries_the_layout_and_vllm_fields(builder):
@@ -283,22 +263,64 @@ def test_builder_refuses_to_capture_a_mixed_batch(builder):
         b.build_for_cudagraph_capture(BATCHES["mixed"].metadata())
 
 
-# ------------------------------------------------------------------ shared adapter helpers
-def test_variant_for_treats_none_zero_and_negative_as_off():
-    from engine_backend.adapters.common import variant_for
-
-    assert variant_for().is_default
-    assert variant_for(window_left=None, logits_soft_cap=0.0, alibi=False).is_default
-    assert variant_for(window_left=-1, logits_soft_cap=None).is_default
-    v = variant_for(window_left=0, logits_soft_cap=30, alibi=True)
-    assert (v.window_left, v.logits_soft_cap, v.alibi) == (0, 30.0, True)
+# ------------------------------------------------------------------ a builder with layers, on CPU
+HQ, HKV, D = 4, 2, 64
 
 
-def test_dense_table_bsr_converts_an_int64_table():
-    from engine_backend.adapters.common import dense_table_bsr
+def builder_with_a_layer(num_blocks=None, **impl_options):
+    """The real builder over one registered layer with the real impl; ``num_blocks``: bind a KV cache of
+    the backend's layout with that many blocks to the layer, as vLLM does once it has allocated it."""
+    config = VllmConfig(device_config=DeviceConfig(device="cpu"))
+    impl = vllm_fixtures.make_impl(num_heads=HQ, head_size=D, scale=D**-0.5, num_kv_heads=HKV, **impl_options)
+    layer = vllm_fixtures.register_layer(config, "layers.0.attn", vllm_fixtures.StubLayer(impl))
+    if num_blocks is not None:
+        # The backend's layout (K then V: see adapters.vllm.kv_cache), at this file's small page size.
+        layer.kv_cache = torch.randn(2, num_blocks, PAGE, HKV, D).to(torch.bfloat16)
+    spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=HKV, head_size=D, dtype=torch.bfloat16)
+    return EngineBackendMetadataBuilder(spec, ["layers.0.attn"], config, torch.device("cpu")), layer
 
-    table = torch.arange(12, dtype=torch.int64).view(3, 4)
-    one_query_each = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
-    bsr = dense_table_bsr(table, torch.tensor([4, 1, 7]), 2, one_query_each, StridedAranges("cpu"))
-    assert bsr.indices.dtype == torch.int32 and bsr.indices.tolist() == list(range(12))
-    assert bsr.indptr.tolist() == [0, 4, 8, 12] and bsr.kv_lens.dtype == torch.int32
+
+def test_builder_plans_the_step_with_its_host_counts(monkeypatch):
+    """The prefill wrapper picks its tile shape from the host counts (on Hopper a short append onto a long
+    cache runs the long-KV shape), so the builder must hand over both, and both parts' BSRs."""
+    monkeypatch.setattr(EngineBackendMetadataBuilder, "kernel_factory", ReferenceKernels)
+    b, layer = builder_with_a_layer()
+    metadata = b.build(0, BATCHES["mixed"].metadata())
+    kernels = metadata.kernels[layer.impl.layer_shape]
+    assert kernels.decode.planned is metadata.layout.decode
+    assert kernels.prefill.planned is metadata.layout.prefill
+    assert kernels.prefill.counts == {"num_tokens": 9 + 4 + 6, "num_kv_tokens": 9 + 20 + 6}
+
+
+@pytest.mark.parametrize("name", ["mixed", "graph_padded_decode", "prefill_only"])
+def test_forward_runs_each_part_on_its_own_rows(monkeypatch, name):
+    """impl.forward on reference kernels: decode tokens through the decode wrapper, prefill tokens through
+    the prefill one, written in place into vLLM's output; equal to per-request attention from vLLM's fields."""
+    monkeypatch.setattr(EngineBackendMetadataBuilder, "kernel_factory", ReferenceKernels)
+    b, layer = builder_with_a_layer(num_blocks=TABLE_ROWS * WIDTH)
+    common = BATCHES[name].metadata(seed=3)
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(common.num_actual_tokens, HQ, D, generator=gen).to(torch.bfloat16)
+    output = torch.full_like(q, float("nan"))
+    metadata = b.build(0, common)
+    assert layer.impl.forward(layer, q, None, None, layer.kv_cache, metadata, output) is output
+    want = naive_vllm_attention(q, layer.kv_cache[0], layer.kv_cache[1], common, D**-0.5)
+    real = int(common.query_start_loc_cpu[-1])  # padding tokens past the last request belong to no row
+    torch.testing.assert_close(output[:real].float(), want[:real].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_builder_bounds_page_ids_by_the_bound_kv_cache(monkeypatch):
+    """Debug mode (ENGINE_BACKEND_DEBUG=1; on CPU the values are checked anyway): once vLLM has bound the
+    layers' KV cache, a page id past its blocks is an error naming the range, before any kernel reads it."""
+    monkeypatch.setenv("ENGINE_BACKEND_DEBUG", "1")
+    common = BATCHES["mixed"].metadata()  # page ids up to TABLE_ROWS * WIDTH - 1
+    highest_read = max(
+        int(common.block_table_tensor[r, : math.ceil(n / PAGE)].max()) for r, n in enumerate(BATCHES["mixed"].seq_lens)
+    )
+    unbound, _ = builder_with_a_layer()
+    unbound.layout(common)  # nothing bound yet: no bound to check against
+    fits, _ = builder_with_a_layer(num_blocks=highest_read + 1)
+    fits.layout(common)
+    too_small, _ = builder_with_a_layer(num_blocks=highest_read)
+    with pytest.raises(ValueError, match=rf"out of range \[0, {highest_read}\)"):
+        too_small.layout(common)

@@ -24,8 +24,10 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_b
 from vllm.v1.attention.selector import AttentionSelectorConfig
 
 from engine_backend.adapters.vllm.backend import EngineBackendAttentionBackend
-from engine_backend.adapters.vllm.plugin import BACKEND_CLASS_PATH, register
+from engine_backend.adapters.vllm.plugin import BACKEND_CLASS_PATH, LOGGER_NAME, register
 from engine_backend.support import HEAD_DIMS, PAGE_SIZES
+
+from log_records import Records
 
 pytestmark = pytest.mark.vllm
 
@@ -72,13 +74,51 @@ def test_register_is_idempotent(clean_registry):
     assert clean_registry.get_class() is EngineBackendAttentionBackend
 
 
-def test_register_keeps_another_plugins_custom_backend(clean_registry, caplog):
+def test_register_keeps_another_plugins_custom_backend(clean_registry):
     other = "someone_else.backend.TheirBackend"
     register_backend(clean_registry, other)
-    with caplog.at_level(logging.WARNING):
+    records = Records()
+    vllm_logger = logging.getLogger(LOGGER_NAME)
+    vllm_logger.addHandler(records)
+    try:
         register()
+    finally:
+        vllm_logger.removeHandler(records)
     assert clean_registry.get_path() == other
-    assert other in caplog.text
+    assert any(other in message and record.levelno == logging.WARNING
+               for record, message in zip(records.records, records.messages()))
+
+
+def log_probe(level: str) -> subprocess.CompletedProcess:
+    """A fresh interpreter, configured by vLLM from VLLM_LOGGING_LEVEL as every vLLM process is, that
+    registers the plugin and logs one message of ours at INFO and one at WARNING."""
+    probe = textwrap.dedent(
+        """
+        from engine_backend.adapters.vllm.plugin import register
+        from engine_backend.log import logger
+
+        register()
+        logger().info("eb-info-probe")
+        logger().warning("eb-warning-probe")
+        print("logger:", logger().name)
+        """
+    )
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": level, "VLLM_CONFIGURE_LOGGING": "1"}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def test_register_routes_our_messages_through_vllms_logger():
+    """Our messages obey VLLM_LOGGING_LEVEL and come out in vLLM's own format (level, time, file)."""
+    quiet, chatty = log_probe("WARNING"), log_probe("INFO")
+    assert f"logger: {LOGGER_NAME}" in quiet.stdout
+    quiet_out, chatty_out = quiet.stdout + quiet.stderr, chatty.stdout + chatty.stderr
+    assert "eb-warning-probe" in quiet_out and "eb-info-probe" not in quiet_out
+    assert "eb-warning-probe" in chatty_out and "eb-info-probe" in chatty_out
+    line = next(line for line in quiet_out.splitlines() if "eb-warning-probe" in line)
+    assert "WARNING" in line and "[engine_backend]" not in line
 
 
 def test_vllm_plugin_loader_registers_custom(clean_registry, monkeypatch):
@@ -253,16 +293,16 @@ def make_impl(**overrides):
 
 def test_impl_accepts_llama_and_keys_its_kernels(bf16_default):
     impl = make_impl(sliding_window=4096, logits_soft_cap=30.0)
-    key = impl.kernel_key
-    assert (key.num_qo_heads, key.sm_scale) == (32, 128**-0.5)
-    assert key.variant.window_left == 4095  # vLLM's window W keeps W tokens: W - 1 to the left
-    assert key.variant.logits_soft_cap == 30.0 and not key.variant.alibi
-    assert make_impl().kernel_key.variant.is_default
+    shape = impl.layer_shape
+    assert (shape.num_qo_heads, shape.num_kv_heads, shape.head_dim, shape.sm_scale) == (32, 8, 128, 128**-0.5)
+    assert shape.variant.window_left == 4095  # vLLM's window W keeps W tokens: W - 1 to the left
+    assert shape.variant.logits_soft_cap == 30.0 and not shape.variant.alibi
+    assert make_impl().layer_shape.variant.is_default
 
 
 def test_impl_alibi_variant(bf16_default):
     impl = make_impl(alibi_slopes=[0.5] * 32)
-    assert impl.kernel_key.variant.alibi
+    assert impl.layer_shape.variant.alibi
     assert impl.alibi_slopes.tolist() == [0.5] * 32
 
 

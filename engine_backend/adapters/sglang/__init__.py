@@ -3,13 +3,15 @@
 Modules, one concept each:
 
 * ``plugin``: the ``sglang.srt.plugins`` entry point (``register``): adds the backend name to
-  SGLang's attention-backend choices and registry. Cheap: imports no kernels and no CUDA.
+  SGLang's attention-backend choices and registry, and routes the package's log messages
+  through SGLang's logging. Cheap: imports no kernels and no CUDA.
 * ``compat``: what a model/server configuration must look like for this backend; refuses the
   rest with one message naming every problem.
 * ``layout``: ForwardBatch -> ``BSR`` translation (pure torch, runs on CPU in tests).
-* ``kernels``: one BatchDecode/BatchPrefill pair per distinct layer shape; plan and run.
 * ``backend``: the ``AttentionBackend`` subclass SGLang's ModelRunner drives.
-* ``faults``: an opt-in fault (env var) that end-to-end checks use to prove they can fail.
+
+The kernel wrappers (one decode/prefill pair per distinct layer shape), the deliberate fault and
+the other engine-independent parts live in ``adapters.common``.
 
 Importing this package imports nothing from SGLang; each module imports what it needs.
 """

@@ -25,27 +25,25 @@ the base no-op: planning happens outside the graph).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from engine_backend.format import INDEX_DTYPE
-
-from ..common import StridedAranges, query_rows
+from ...format import INDEX_DTYPE
+from ...log import logger
+from ..common.faults import dropped_kv_tokens
+from ..common.indptr import StridedAranges
+from ..common.kernels import KernelsByShape, LayerKernels
+from ..common.queries import query_rows
 from .compat import check_runner
-from .faults import DROP_LAST_KV, fault_from_env
-from .kernels import KernelSet, LayerKernels
 from .layout import (
     DECODE_MODES,
     BatchLayout,
+    kv_pool_pages,
     layout_from_forward_batch,
     max_pages_per_request,
     mode_name,
     paged_kv_view,
 )
-
-logger = logging.getLogger(__name__)
 
 # Padded CUDA-graph slots decode one token over one KV slot (see module docstring).
 GRAPH_SEQ_LEN_FILL = 1
@@ -55,7 +53,8 @@ GRAPH_SEQ_LEN_FILL = 1
 def _run_kernels(kernels, layout, q, k_pages, v_pages, out):
     """The kernel launch, kept out of torch.compile traces (--enable-torch-compile wraps the
     model's decode forward; the JIT extension's ops are opaque to it)."""
-    return kernels.run(layout, q, k_pages, v_pages, out=out)
+    wrapper = kernels.decode if layout.is_decode else kernels.prefill
+    return wrapper.run(q, k_pages, v_pages, out=out)
 
 
 def _engine_output(forward_batch, q: torch.Tensor) -> torch.Tensor | None:
@@ -82,16 +81,23 @@ class EngineBackendAttnBackend(AttentionBackend):
     def __init__(self, model_runner, *, kernel_factory=LayerKernels):
         super().__init__()
         self.setup = check_runner(model_runner)  # refuses before anything is allocated
-        self.fault = fault_from_env()
+        self.dropped_kv_tokens = dropped_kv_tokens()
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.kv_pool = model_runner.token_to_kv_pool
         self.page_size = self.setup.page_size
-        self.kernels = KernelSet(self.setup, kernel_factory)
+        self.pool_pages = kv_pool_pages(self.kv_pool, self.page_size)
+        setup = self.setup
+        self.kernels = KernelsByShape(
+            setup.distinct_shapes,
+            lambda shape: kernel_factory(
+                shape, page_size=setup.page_size, dtype=setup.dtype, limits=setup.limits, device=setup.device
+            ),
+        )
         # Decode's qo_indptr (0, 1, ..., B), sliced each step instead of allocated before every replay.
         self.aranges = StridedAranges(self.req_to_token.device, initial_rows=self.setup.max_batch_size)
         self.graph_indices: torch.Tensor | None = None
         self.layout: BatchLayout | None = None
-        logger.info(
+        logger().info(
             "engine_backend attention: page size %d, %s, layer shapes %s",
             self.page_size,
             self.setup.dtype,
@@ -135,15 +141,30 @@ class EngineBackendAttnBackend(AttentionBackend):
             self.req_to_token,
             self.page_size,
             indices_out=indices_out,
-            drop_last_kv=self.fault == DROP_LAST_KV,
+            dropped_kv_tokens=self.dropped_kv_tokens,
             aranges=self.aranges,
+            pool_pages=self.pool_pages,
         )
         self._check_capacity(layout)
-        self.kernels.plan(layout)
+        if layout.is_decode:
+            self.kernels.plan(decode=layout.kv)
+        else:
+            self.kernels.plan(
+                prefill=layout.kv, num_prefill_tokens=layout.num_query_tokens, num_prefill_kv_tokens=layout.num_kv_tokens
+            )
         return layout
 
+    def kernels_for(self, layer_id: int) -> LayerKernels:
+        """The kernels of SGLang layer ``layer_id``'s shape."""
+        shape = self.setup.layer_shapes.get(layer_id)
+        if shape is None:
+            raise RuntimeError(
+                f"engine_backend was built for layers {sorted(self.setup.layer_shapes)}, not layer {layer_id}"
+            )
+        return self.kernels[shape]
+
     def _check_capacity(self, layout: BatchLayout) -> None:
-        limit = self.kernels.decode_capacity() if layout.is_decode else self.setup.max_batch_size
+        limit = self.kernels.decode_capacity if layout.is_decode else self.setup.max_batch_size
         if layout.num_rows > limit:
             raise RuntimeError(f"engine_backend was sized for {limit} requests per batch, got {layout.num_rows}")
         if not layout.is_decode and (layout.num_query_tokens or 0) > self.setup.max_extend_tokens:
@@ -168,7 +189,7 @@ class EngineBackendAttnBackend(AttentionBackend):
         heads, dim = layer.tp_q_head_num, layer.head_dim
         k_pages = paged_kv_view(self.kv_pool.get_key_buffer(layer.layer_id), self.page_size)
         v_pages = paged_kv_view(self.kv_pool.get_value_buffer(layer.layer_id), self.page_size)
-        kernels = self.kernels.for_layer(layer.layer_id)
+        kernels = self.kernels_for(layer.layer_id)
         q = query_rows(q, heads, dim)
         out = _run_kernels(kernels, layout, q, k_pages, v_pages, _engine_output(forward_batch, q))
         return out.view(-1, heads * dim)

@@ -6,9 +6,9 @@ ModelConfig, the model's RadixAttention layers, the KV pool -- and either return
 per-layer kernel shapes or raises one ValueError that names every problem, so an unsupported
 model fails at startup with a reason instead of inside a kernel.
 
-Per layer, SGLang's sliding window (``sliding_window_size``, FlashInfer's ``window_left``
+Per layer, SGLang's sliding window (``sliding_window_size``, already ``Variant.window_left``'s
 meaning) and tanh logit cap (``logit_cap``) become ``engine_backend.Variant`` fields; layers
-that differ get their own kernels (see ``kernels``).
+that differ get their own kernels (see ``adapters.common.kernels``).
 """
 
 from __future__ import annotations
@@ -17,21 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine_backend.support import check_supported
-from engine_backend.variants import Variant
-
+from ...support import check_supported
+from ..common.kernels import KernelLimits, LayerShape
+from ..common.variant import variant_for
 from . import BACKEND_NAME
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """Everything a kernel is specialized on; layers with equal shapes share kernels."""
-
-    num_qo_heads: int
-    num_kv_heads: int
-    head_dim: int
-    sm_scale: float
-    variant: Variant
 
 
 @dataclass(frozen=True)
@@ -46,6 +35,16 @@ class AttentionSetup:
     @property
     def distinct_shapes(self) -> list:
         return sorted(set(self.layer_shapes.values()), key=repr)
+
+    @property
+    def limits(self) -> KernelLimits:
+        """Decode and prefill batches both hold up to the request pool's size of requests (decode
+        graphs may pad beyond it: see ``LayerKernels.ensure_decode_capacity``)."""
+        return KernelLimits(
+            max_decode_rows=self.max_batch_size,
+            max_prefill_rows=self.max_batch_size,
+            max_prefill_tokens=self.max_extend_tokens,
+        )
 
 
 class UnsupportedSetup(ValueError):
@@ -65,12 +64,6 @@ def radix_layers(model: torch.nn.Module) -> list:
     from sglang.srt.layers.radix_attention import RadixAttention
 
     return [m for m in model.modules() if isinstance(m, RadixAttention)]
-
-
-def layer_variant(layer) -> Variant:
-    cap = float(layer.logit_cap or 0.0)
-    window = int(layer.sliding_window_size if layer.sliding_window_size is not None else -1)
-    return Variant(logits_soft_cap=cap if cap > 0 else 0.0, window_left=window if window >= 0 else -1)
 
 
 def layer_problems(layer) -> list[str]:
@@ -102,7 +95,7 @@ def layer_shape(layer) -> LayerShape:
         num_kv_heads=int(layer.tp_k_head_num),
         head_dim=int(layer.head_dim),
         sm_scale=float(layer.scaling),
-        variant=layer_variant(layer),
+        variant=variant_for(window_left=layer.sliding_window_size, logits_soft_cap=layer.logit_cap),
     )
 
 

@@ -4,12 +4,21 @@ SGLang calls ``load_plugins()`` in every process that matters before it reads an
 ``sglang serve`` and ``python -m sglang.launch_server`` before parsing the command line,
 ``sglang.Engine`` before building ServerArgs, and each scheduler process (where the model and
 the attention backend live) when it starts. ``register`` therefore only touches two module
-level tables of SGLang; the backend class itself is imported when a ModelRunner builds it.
+level tables of SGLang and sends the package's log messages through SGLang's logging; the
+backend class itself is imported when a ModelRunner builds it.
 """
 
 from __future__ import annotations
 
+import logging
+
+from ...log import use
 from . import BACKEND_NAME
+
+# A child of SGLang's "sglang" logger, like SGLang's own module loggers: whatever configures
+# those (``--log-level`` through ``configure_logger``'s root logger, or SGLANG_LOGGING_CONFIG_PATH)
+# governs our messages too, the JIT's build progress included.
+LOGGER_NAME = "sglang.engine_backend"
 
 
 def create_backend(model_runner):
@@ -24,6 +33,7 @@ def register() -> None:
     from sglang.srt import server_args
     from sglang.srt.layers.attention import attention_registry
 
+    use(logging.getLogger(LOGGER_NAME))
     # One list backs --attention-backend, --prefill-attention-backend and
     # --decode-attention-backend, so a single entry serves all three flags.
     if BACKEND_NAME not in server_args.ATTENTION_BACKEND_CHOICES:

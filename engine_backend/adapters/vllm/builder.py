@@ -25,16 +25,17 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from ...support import check_supported
-from ..common import StridedAranges
-from .faults import dropped_kv_tokens
-from .kernels import CacheGeometry, KernelKey, KernelLimits, KernelSet
+from ..common.faults import dropped_kv_tokens
+from ..common.indptr import StridedAranges
+from ..common.kernels import KernelLimits, KernelsByShape, LayerKernels, LayerShape
+from .kv_cache import bound_pages
 from .layout import StepLayout, step_layout
 
 
 @dataclass
 class EngineBackendMetadata(AttentionMetadata):
     layout: StepLayout
-    kernels: dict[KernelKey, KernelSet]  # planned on ``layout``
+    kernels: KernelsByShape  # planned on ``layout``
     # vLLM's own view of the step, kept for debugging and for independent checks.
     num_actual_tokens: int
     query_start_loc: torch.Tensor
@@ -44,6 +45,8 @@ class EngineBackendMetadata(AttentionMetadata):
 
 class EngineBackendMetadataBuilder(AttentionMetadataBuilder[EngineBackendMetadata]):
     _cudagraph_support = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    # What builds each layer shape's wrappers; the CPU tests put reference kernels here.
+    kernel_factory = LayerKernels
 
     def __init__(
         self,
@@ -54,33 +57,35 @@ class EngineBackendMetadataBuilder(AttentionMetadataBuilder[EngineBackendMetadat
     ):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)  # decodes first, one query token each
-        self.cache = cache_geometry(kv_cache_spec)
+        self.page_size, self.dtype = cache_format(kv_cache_spec)
         self.limits = kernel_limits(vllm_config)
         self.aranges = StridedAranges(device, self.limits.max_decode_rows)
         self.dropped_kv_tokens = dropped_kv_tokens()
-        self.kernel_keys = kernel_keys_of_layers(vllm_config, layer_names)
-        for key in self.kernel_keys:
-            check_supported(
-                num_qo_heads=key.num_qo_heads,
-                num_kv_heads=self.cache.num_kv_heads,
-                head_dim=self.cache.head_dim,
-                dtype=self.cache.dtype,
-                page_size=self.cache.page_size,
-                variant=key.variant,
-            )
-        self._kernels: dict[KernelKey, KernelSet] | None = None
+        self.layers = list(get_layers_from_vllm_config(vllm_config, AttentionLayerBase, layer_names).values())
+        self.layer_shapes = layer_shapes(self.layers)
+        for shape in self.layer_shapes:
+            check_layer_shape(shape, kv_cache_spec)
+        self._kernels: KernelsByShape | None = None
         if torch.device(device).type == "cuda":
-            self._kernel_sets()  # allocate and warm up now, before any graph capture
+            self._planned_kernels()  # allocate and warm up now, before any graph capture
 
-    def _kernel_sets(self) -> dict[KernelKey, KernelSet]:
+    def _planned_kernels(self) -> KernelsByShape:
         if self._kernels is None:
-            self._kernels = {key: KernelSet(key, self.cache, self.limits, self.device) for key in self.kernel_keys}
-            for kernels in self._kernels.values():
-                kernels.warm_up()
+            self._kernels = KernelsByShape(
+                self.layer_shapes,
+                lambda shape: self.kernel_factory(
+                    shape, page_size=self.page_size, dtype=self.dtype, limits=self.limits, device=self.device
+                ),
+            )
+            self._kernels.warm_up()
         return self._kernels
 
     def layout(self, common: CommonAttentionMetadata) -> StepLayout:
-        return step_layout(common, self.cache.page_size, self.aranges, self.dropped_kv_tokens)
+        # The pool's page count bounds the page ids wherever the BSRs' values are checked (debug
+        # mode, see engine_backend.checks); vLLM binds the caches after building the builders.
+        return step_layout(
+            common, self.page_size, self.aranges, self.dropped_kv_tokens, pool_pages=bound_pages(self.layers)
+        )
 
     def build(
         self,
@@ -90,9 +95,13 @@ class EngineBackendMetadataBuilder(AttentionMetadataBuilder[EngineBackendMetadat
     ) -> EngineBackendMetadata:
         # common_prefix_len is always 0: use_cascade_attention() keeps vLLM's default False.
         layout = self.layout(common_attn_metadata)
-        kernels = self._kernel_sets()
-        for kernel_set in kernels.values():
-            kernel_set.plan(layout)
+        kernels = self._planned_kernels()
+        kernels.plan(
+            layout.decode,
+            layout.prefill,
+            num_prefill_tokens=layout.num_prefill_tokens,
+            num_prefill_kv_tokens=layout.num_prefill_kv_tokens,
+        )
         return EngineBackendMetadata(
             layout=layout,
             kernels=kernels,
@@ -113,17 +122,31 @@ class EngineBackendMetadataBuilder(AttentionMetadataBuilder[EngineBackendMetadat
         return metadata
 
 
-def cache_geometry(spec: AttentionSpec) -> CacheGeometry:
+def cache_format(spec: AttentionSpec) -> tuple[int, torch.dtype]:
+    """(page size, dtype) of a KV-cache group's cache."""
     head_size_v = getattr(spec, "head_size_v", spec.head_size)
     if head_size_v != spec.head_size:
         raise ValueError(
             f"engine_backend needs equal K and V head sizes, got {spec.head_size} and {head_size_v}"
         )
-    return CacheGeometry(
-        num_kv_heads=spec.num_kv_heads,
-        head_dim=spec.head_size,
-        page_size=spec.block_size,
+    return spec.block_size, spec.dtype
+
+
+def check_layer_shape(shape: LayerShape, spec: AttentionSpec) -> None:
+    """A layer's kernels run on its group's cache: the heads and head dim must be the cache's, and
+    the kernels must support the combination (``check_supported`` names what they support)."""
+    if (shape.num_kv_heads, shape.head_dim) != (spec.num_kv_heads, spec.head_size):
+        raise ValueError(
+            f"engine_backend: a layer with {shape.num_kv_heads} KV heads of dim {shape.head_dim} shares a KV "
+            f"cache of {spec.num_kv_heads} heads of dim {spec.head_size}"
+        )
+    check_supported(
+        num_qo_heads=shape.num_qo_heads,
+        num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
         dtype=spec.dtype,
+        page_size=spec.block_size,
+        variant=shape.variant,
     )
 
 
@@ -137,12 +160,7 @@ def kernel_limits(vllm_config: VllmConfig) -> KernelLimits:
     )
 
 
-def kernel_keys_of_layers(vllm_config: VllmConfig, layer_names: list[str]) -> list[KernelKey]:
-    """Distinct kernel keys of this group's layers, in layer order."""
-    layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, layer_names)
-    keys: list[KernelKey] = []
-    for layer in layers.values():
-        key = getattr(layer.impl, "kernel_key", None)
-        if key is not None and key not in keys:
-            keys.append(key)
-    return keys
+def layer_shapes(layers) -> list[LayerShape]:
+    """Distinct shapes of a group's layers, in layer order."""
+    shapes = (getattr(layer.impl, "layer_shape", None) for layer in layers)
+    return list(dict.fromkeys(shape for shape in shapes if shape is not None))

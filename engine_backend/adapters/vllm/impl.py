@@ -13,17 +13,14 @@ import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from ...support import check_supported
-from ..common import variant_for
-from .backend import CAPABILITIES, kv_cache_torch_dtype, split_kv
+from ..common.kernels import LayerShape
+from ..common.variant import variant_for
 from .builder import EngineBackendMetadata
-from .kernels import KernelKey
+from .capabilities import refuse
+from .kv_cache import kv_cache_torch_dtype, split_kv
 
 # Unquantized cache of the model's dtype: the cache op's "no conversion" mode.
 _CACHE_OP_DTYPE = "auto"
-
-
-def refuse(what: str) -> ValueError:
-    return ValueError(f"engine_backend does not support {what}. It supports: {CAPABILITIES}.")
 
 
 class EngineBackendAttentionImpl(AttentionImpl[EngineBackendMetadata]):
@@ -60,8 +57,10 @@ class EngineBackendAttentionImpl(AttentionImpl[EngineBackendMetadata]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.alibi_slopes = None if alibi_slopes is None else torch.tensor(alibi_slopes, dtype=torch.float32)
         # vLLM's sliding_window W keeps the current token and the W - 1 before it.
-        self.kernel_key = KernelKey(
+        self.layer_shape = LayerShape(
             num_qo_heads=num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=head_size,
             sm_scale=self.scale,
             variant=variant_for(
                 window_left=None if sliding_window is None else sliding_window - 1,
@@ -78,7 +77,7 @@ class EngineBackendAttentionImpl(AttentionImpl[EngineBackendMetadata]):
             head_dim=head_size,
             dtype=model_dtype,
             kv_dtype=kv_cache_torch_dtype(kv_cache_dtype, model_dtype),
-            variant=self.kernel_key.variant,
+            variant=self.layer_shape.variant,
         )
 
     def do_kv_cache_update(
@@ -115,9 +114,7 @@ class EngineBackendAttentionImpl(AttentionImpl[EngineBackendMetadata]):
             # Memory-profiling run: no KV cache is bound yet and nothing reads the result.
             return output.fill_(0)
         layout = attn_metadata.layout
-        kernels = attn_metadata.kernels.get(self.kernel_key)
-        if kernels is None:
-            raise RuntimeError(f"engine_backend: the metadata builder planned no kernels for {self.kernel_key}")
+        kernels = attn_metadata.kernels[self.layer_shape]
         k_cache, v_cache = split_kv(kv_cache)
         slopes = self._alibi_slopes_on(query.device)
         decoded = layout.num_decode_tokens

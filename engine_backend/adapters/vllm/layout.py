@@ -9,7 +9,9 @@ boundary from the host copy of ``query_start_loc``. Then
   requests ``[D, R)``, tokens ``[D, T)`` with ``T = query_start_loc[R]``, query pointers
   rebased to 0.
 
-Both parts are zero-copy views of vLLM's persistent block table. Counts come from the
+Both parts are zero-copy views of vLLM's persistent block table (``BSR.from_block_table`` with
+row pointers sliced from persistent aranges, so a CUDA-graph replay reads the table where it
+lies and nothing is allocated per step). Counts come from the
 host tensors vLLM already provides, so building a layout never waits for the GPU; the prefill
 part's KV count (``seq_lens_cpu_upper_bound``, exact for prefill rows) picks its tile shape.
 Padding: under full CUDA graphs vLLM pads a decode batch with requests of query length 0
@@ -21,11 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from ...format import BSR
-from ..common import StridedAranges, dense_table_bsr, rebased
+from ..common.faults import drop_kv
+from ..common.indptr import StridedAranges, rebased
 
 DECODE_QUERY_LEN = 1  # the builder's reorder_batch_threshold
 
@@ -58,8 +62,11 @@ def step_layout(
     page_size: int,
     aranges: StridedAranges,
     dropped_kv_tokens: int = 0,
+    pool_pages: int | None = None,
 ) -> StepLayout:
-    """Split ``common`` into its decode and prefill BSRs (``dropped_kv_tokens``: see faults)."""
+    """Split ``common`` into its decode and prefill BSRs (``dropped_kv_tokens``: see
+    ``common.faults``). ``pool_pages``, the KV cache's page count, bounds the page ids the rows read
+    wherever the BSRs' values are checked (see ``BSR.validate``)."""
     if common.causal is not True:  # a per-step override (drafters); never silently causal
         raise RuntimeError("engine_backend computes causal attention only; this step asks for non-causal")
     num_reqs = common.num_reqs
@@ -73,23 +80,31 @@ def step_layout(
         )
     qsl_cpu = common.query_start_loc_cpu
     num_prefill_tokens = int(qsl_cpu[num_reqs]) - int(qsl_cpu[num_decodes])
-    kv_lens = common.seq_lens[:num_reqs]
-    if dropped_kv_tokens:
-        kv_lens = (kv_lens - dropped_kv_tokens).clamp_(min=0)
+    kv_lens = drop_kv(common.seq_lens[:num_reqs], dropped_kv_tokens)
     table = common.block_table_tensor[:num_reqs]
     host_seq_lens = common.seq_lens_cpu_upper_bound  # the device seq_lens would need a sync
     num_prefill_kv_tokens = None
     if host_seq_lens is not None:
-        num_prefill_kv_tokens = int((host_seq_lens[num_decodes:num_reqs] - dropped_kv_tokens).clamp(min=0).sum())
+        num_prefill_kv_tokens = int(drop_kv(host_seq_lens[num_decodes:num_reqs], dropped_kv_tokens).sum())
+
+    def table_rows(rows: slice, qo_indptr: torch.Tensor) -> BSR:
+        part = table[rows]
+        return BSR.from_block_table(
+            part,
+            kv_lens[rows],
+            page_size,
+            qo_indptr,
+            indptr=aranges.get(part.shape[0], part.shape[1]),
+            num_pages=pool_pages,
+        )
 
     decode = None
     if num_decodes:
-        one_token_rows = aranges.get(num_decodes, 1)
-        decode = dense_table_bsr(table[:num_decodes], kv_lens[:num_decodes], page_size, one_token_rows, aranges)
+        decode = table_rows(slice(0, num_decodes), aranges.get(num_decodes, 1))
     prefill = None
     if num_reqs > num_decodes:
         qo_indptr = rebased(common.query_start_loc[num_decodes : num_reqs + 1], int(qsl_cpu[num_decodes]))
-        prefill = dense_table_bsr(table[num_decodes:], kv_lens[num_decodes:], page_size, qo_indptr, aranges)
+        prefill = table_rows(slice(num_decodes, num_reqs), qo_indptr)
     return StepLayout(
         num_decodes=num_decodes,
         num_prefills=num_reqs - num_decodes,

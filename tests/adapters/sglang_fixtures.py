@@ -1,12 +1,12 @@
-"""Real SGLang objects for the adapter's tests, built without a GPU or model weights.
+"""Real SGLang objects for the SGLang adapter's tests, built without a GPU or model weights.
 
 A ModelRunner needs a GPU and a loaded model, so tests assemble what the attention backend
 reads from one -- real ServerArgs and ModelConfig (from a small config.json), real
 RadixAttention layers, a real ReqToTokenPool, MHATokenToKVPool and token allocator -- in a
-``SimpleNamespace`` with the runner's attribute names. ``ReferenceKernels`` stands in for the
-CUDA kernels (plain torch, any device) so the backend's whole path runs on CPU.
+``SimpleNamespace`` with the runner's attribute names. ``reference_kernels.ReferenceKernels``
+stands in for the CUDA kernels (plain torch, any device) so the backend's whole path runs on CPU.
 
-Imports SGLang lazily; nothing in the serving path imports this module.
+Imports SGLang lazily (the tests importing this module skip where SGLang is not installed).
 """
 
 from __future__ import annotations
@@ -18,11 +18,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-
-from engine_backend import reference
-
-from .compat import AttentionSetup, LayerShape
-from .layout import BatchLayout
 
 LLAMA_LIKE = {
     "architectures": ["LlamaForCausalLM"],
@@ -219,37 +214,6 @@ def extend_batch(run: SimpleNamespace, requests: list[Request], extend_lens: lis
     )
 
 
-# ----------------------------------------------------------------------- kernels
-class ReferenceKernels:
-    """``kernels.LayerKernels`` stand-in that computes with ``engine_backend.reference``.
-
-    Like the real kernels it keeps the planned BSR and reads its page ids when it runs, so a
-    refilled persistent index buffer is honoured exactly as a CUDA-graph replay would.
-    """
-
-    def __init__(self, shape: LayerShape, setup: AttentionSetup):
-        self.shape = shape
-        self.decode_capacity = setup.max_batch_size
-        self.planned: BatchLayout | None = None
-        self.plans = 0
-        self.last_out: torch.Tensor | None = None  # the ``out`` the last run() was given
-
-    def ensure_decode_capacity(self, max_batch_size: int) -> None:
-        self.decode_capacity = max(self.decode_capacity, max_batch_size)
-
-    def plan(self, layout: BatchLayout) -> None:
-        self.planned = layout
-        self.plans += 1
-
-    def run(self, layout: BatchLayout, q, k_pages, v_pages, out=None):
-        assert layout is self.planned, "run() with a layout that was not the last one planned"
-        result, _ = reference.attention(
-            q, k_pages, v_pages, layout.kv, causal=True, sm_scale=self.shape.sm_scale, variant=self.shape.variant
-        )
-        self.last_out = out
-        return result if out is None else out.copy_(result)
-
-
 # ----------------------------------------------------------------------- graphs
 class DecodeGraphInputs:
     """The decode CUDA-graph runner's static inputs, built and filled with SGLang's own
@@ -263,10 +227,11 @@ class DecodeGraphInputs:
 
         config = run.model_config
         self.fill = seq_len_fill_value
+        # What the graph runner hands both SGLang functions: one query token per request.
+        sizes = dict(device=run.device, max_bs=max_bs, max_num_token=max_bs, seq_len_fill_value=seq_len_fill_value,
+                     cache_loc_dtype=torch.int64)
         self.buffers = _allocate_decode_buffers(
-            device=run.device,
-            max_bs=max_bs,
-            max_num_token=max_bs,
+            **sizes,
             hidden_size=config.hidden_size,
             vocab_size=config.vocab_size,
             dtype=config.dtype,
@@ -274,20 +239,11 @@ class DecodeGraphInputs:
             pp_size=1,
             is_encoder_decoder=False,
             require_mlp_tp_gather=False,
-            seq_len_fill_value=seq_len_fill_value,
             encoder_len_fill_value=0,
             num_tokens_per_req=1,
-            cache_loc_dtype=torch.int64,
             enable_mamba_track=False,
         )
-        self.registry = build_decode_registry(
-            device=run.device,
-            max_bs=max_bs,
-            max_num_token=max_bs,
-            seq_len_fill_value=seq_len_fill_value,
-            cache_loc_dtype=torch.int64,
-            source=self.buffers,
-        )
+        self.registry = build_decode_registry(**sizes, source=self.buffers)
 
     def load(self, forward_batch, padded_bs: int):
         """Copy a real batch into the static buffers; return the replay view for ``padded_bs``."""
