@@ -7,7 +7,11 @@ ShareGPT slice, stop the server, and tabulate TTFT / TPOT / ITL / throughput per
 
 Each backend's files go to OUT/<backend>/ (server.log, client.log, the client's result, backend.json);
 OUT/results.md and OUT/results.json are rewritten after every backend from all backend.json files present,
-so runs of a few backends each (the GPU host allows 10 minutes a command) add up to one table.
+so runs of a few backends each into the same OUT add up to one table.
+
+--time-limit S (off by default) is for hosts that end a command after S seconds: every wait is cut to what
+is left of S once a server's stop is reserved, and a backend that would not get a minute is not started
+(the harness then exits non-zero; run it again into the same OUT for the rest).
 
 With --profile-steps N the server starts with the engine's profiler configured; the client runs once
 unprofiled (the table's figures), then, after the prefix cache is flushed, once more while the profiler
@@ -43,6 +47,9 @@ TRACE_DIR = "traces"
 PROFILE_PASS = "profile-pass"  # file stem of the profiled pass's client log and result
 PGID_FILE = "server.pgid"
 LOAD_MARKER_WAIT_S = 120.0  # longest wait for the client's load-started line before profiling anyway
+PROFILER_TIMEOUT_S = 600.0  # the engine's profiler client: its own start-up plus the traced steps
+STOP_RESERVE_S = 45.0  # kept back from --time-limit for stopping a server (30 s SIGTERM grace) and the tables
+MIN_BACKEND_S = 60.0  # under --time-limit a backend is started only with at least this much left after the reserve
 
 
 class Interrupted(Exception):
@@ -53,10 +60,27 @@ def _raise_interrupted(signum, _frame):
     raise Interrupted(f"signal {signum}")
 
 
+def deadline_of(time_limit_s: float | None) -> float | None:
+    """The time.monotonic() by which a run under --time-limit must be done; None without a limit."""
+    return None if time_limit_s is None else time.monotonic() + time_limit_s
+
+
+def within_limit(deadline: float | None, seconds: float) -> float:
+    """``seconds``, cut to what is left before ``deadline`` once a server's stop is reserved (never below 0)."""
+    if deadline is None:
+        return seconds
+    return max(0.0, min(seconds, deadline - time.monotonic() - STOP_RESERVE_S))
+
+
+def room_for_a_backend(deadline: float | None) -> bool:
+    """Whether a backend's server start and client run still fit before ``deadline``."""
+    return within_limit(deadline, float("inf")) >= MIN_BACKEND_S
+
+
 def child_environment(pythonpath: str | None) -> tuple[dict[str, str], dict[str, str]]:
     """(full environment for servers and clients, the variables this harness sets, for the report)."""
     overrides = {
-        # Offline host: never try a hub for the model, tokenizer or anything else.
+        # The model and its tokenizer are local files: no server or client asks a hub for anything.
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
         "PYTHONUNBUFFERED": "1",
@@ -137,7 +161,8 @@ def profile_pass(engine: Engine, work: Workload, port: int, backend_dir: Path, e
     result_path.unlink(missing_ok=True)
     log_path = backend_dir / f"{PROFILE_PASS}.log"
     hook = profiler(engine, work, port, backend_dir, env, args, log_path)
-    run_client_checked(engine.client_command(work, port, result_path), env, log_path, args.client_timeout, hook)
+    run_client_checked(engine.client_command(work, port, result_path), env, log_path,
+                       within_limit(args.deadline, args.client_timeout), hook)
 
 
 def wait_for_load(client: subprocess.Popen, log_path: Path, marker: str | None, timeout_s: float) -> bool:
@@ -174,7 +199,8 @@ def profiler(engine: Engine, work: Workload, port: int, backend_dir: Path, env: 
         command = engine.profile_command(work, port, backend_dir / TRACE_DIR, args.profile_steps)
         print(f"[e2e] {engine.name}: profiling {args.profile_steps} steps", flush=True)
         with open(backend_dir / "profile.log", "wb") as log:
-            code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600).returncode
+            code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=within_limit(args.deadline, PROFILER_TIMEOUT_S)).returncode
         if code != 0:
             raise RuntimeError(f"profiler exited with code {code}:\n{log_tail(backend_dir / 'profile.log')}")
     return run
@@ -232,15 +258,17 @@ def run_backend(engine: Engine, work: Workload, backend: str, backend_dir: Path,
                            client_command=shown(client_cmd, overrides), context=dict(context or {}))
     server = ServerProcess(server_cmd, server_env, backend_dir / "server.log")
     try:
-        gpu.wait_until_memory_at_most(args.gpu_free_mib, args.gpu_free_timeout)
+        gpu.wait_until_memory_at_most(args.gpu_free_mib, within_limit(args.deadline, args.gpu_free_timeout))
         print(f"[e2e] {engine.name}/{backend}: starting server on port {port}", flush=True)
         server.start()
         (backend_dir / PGID_FILE).write_text(str(server.process.pid))
-        result.server_start_s = server.wait_healthy(f"http://{HOST}:{port}{engine.health_path}", args.server_timeout)
+        result.server_start_s = server.wait_healthy(f"http://{HOST}:{port}{engine.health_path}",
+                                                    within_limit(args.deadline, args.server_timeout))
         result.backend_in_log = engine.backend_in_log(server.log_path.read_text(encoding="utf-8", errors="replace"))
         print(f"[e2e] {engine.name}/{backend}: healthy after {result.server_start_s:.0f} s; running client",
               flush=True)
-        run_client_checked(client_cmd, env, backend_dir / "client.log", args.client_timeout)
+        run_client_checked(client_cmd, env, backend_dir / "client.log",
+                           within_limit(args.deadline, args.client_timeout))
         result.metrics, result.completed = metrics_from_client(engine.read_result(result_path))
         result.status = backend_status(backend, result)
         if args.profile_steps and result.status == "ok":
@@ -248,7 +276,8 @@ def run_backend(engine: Engine, work: Workload, backend: str, backend_dir: Path,
             summary = summarise_traces(backend_dir, engine.traced_steps(args.profile_steps), model_layers(work.model))
             print(f"[e2e] {engine.name}/{backend}: {summary}", flush=True)
     except (ServerError, RuntimeError, TimeoutError, subprocess.TimeoutExpired, KeyError, ValueError, OSError) as error:
-        result.status = f"failed: {error}"
+        cut = args.deadline is not None and within_limit(args.deadline, float("inf")) == 0.0
+        result.status = f"failed: {error}" + (" (cut short by --time-limit)" if cut else "")
     except Interrupted as error:
         result.status = f"failed: interrupted ({error})"
         raise
@@ -264,7 +293,7 @@ def run_backend(engine: Engine, work: Workload, backend: str, backend_dir: Path,
 def wait_gpu_released(args: argparse.Namespace) -> None:
     """After a stop: the next server needs the memory back (the next start checks again and fails if not)."""
     try:
-        gpu.wait_until_memory_at_most(args.gpu_free_mib, args.gpu_free_timeout)
+        gpu.wait_until_memory_at_most(args.gpu_free_mib, within_limit(args.deadline, args.gpu_free_timeout))
     except TimeoutError as error:
         print(f"[e2e] warning: {error}", flush=True)
 
@@ -335,6 +364,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpu-free-mib", type=int, default=2048,
                         help="GPU 0 counts as free at or below this many MiB in use")
     parser.add_argument("--gpu-free-timeout", type=float, default=120.0)
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="finish within this many seconds (for hosts that end a command after a set time): "
+                             "waits are cut to what is left, and backends without a minute left are not started "
+                             "(exit code 1); default: no limit")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="after the measured pass, run the client again on the same server (prefix cache "
                              "flushed) and trace this many engine steps with the engine's profiler; summary in "
@@ -389,8 +422,13 @@ def main(argv: list[str] | None = None) -> int:
         title = "[FAKE SERVER: harness check, not a measurement] " + title
         context["server"] = "e2e/fake_server.py stand-in; these numbers measure nothing"
     failures = 0
+    args.deadline = deadline_of(args.time_limit)
+    not_started: list[str] = []
     try:
         for backend in backends:
+            if not room_for_a_backend(args.deadline):
+                not_started.append(backend)
+                continue
             reap_stale_server(out_dir / backend)
             result = run_backend(engine, work, backend, out_dir / backend, env, overrides, args, context)
             failures += result.status != "ok"
@@ -400,9 +438,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[e2e] interrupted by {error}; the server was stopped; partial results in {out_dir}", flush=True)
         return 128 + signal.SIGTERM
     md_path = out_dir / "results.md"
-    print(f"[e2e] results: {md_path}", flush=True)
-    print(md_path.read_text(), flush=True)
-    return 1 if failures else 0
+    if md_path.is_file():
+        print(f"[e2e] results: {md_path}", flush=True)
+        print(md_path.read_text(), flush=True)
+    if not_started:
+        print(f"[e2e] not started, the --time-limit of {args.time_limit:g} s left too little time: "
+              f"{','.join(not_started)} (run again with --backends {','.join(not_started)} and the same --out)",
+              flush=True)
+    return 1 if failures or not_started else 0
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ class FakeVllm(VllmEngine):
 
 def harness_args(**overrides) -> argparse.Namespace:
     values = {"gpu_free_mib": 10**9, "gpu_free_timeout": 5.0, "server_timeout": 30.0, "client_timeout": 60.0,
-              "fake_server": False, "profile_steps": 0, "profile_delay": 0.0}
+              "fake_server": False, "profile_steps": 0, "profile_delay": 0.0, "deadline": None}
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -126,6 +126,22 @@ def test_server_that_never_gets_healthy_times_out_and_is_stopped(tmp_path):
     result = run(tmp_path, FakeVllm(server_flags=("--healthy-after", "3600")), server_timeout=3.0)
     assert "not healthy" in result.status and time.monotonic() - started < 60
     assert not alive(child_pid(tmp_path / "CUSTOM" / "server.log"))
+
+
+def test_a_time_limit_cuts_the_server_wait_to_what_is_left(tmp_path):
+    started = time.monotonic()
+    deadline = started + serve_bench.STOP_RESERVE_S + 2.0  # 2 s left once a server's stop is reserved
+    result = run(tmp_path, FakeVllm(server_flags=("--healthy-after", "3600")), server_timeout=60.0, deadline=deadline)
+    assert "not healthy" in result.status and "cut short by --time-limit" in result.status, result.status
+    assert time.monotonic() - started < 30  # not the 60 s --server-timeout
+    assert not alive(child_pid(tmp_path / "CUSTOM" / "server.log"))
+
+
+def test_without_a_time_limit_waits_are_not_cut():
+    assert serve_bench.deadline_of(None) is None
+    assert serve_bench.within_limit(None, 900.0) == 900.0 and serve_bench.room_for_a_backend(None)
+    soon = serve_bench.deadline_of(serve_bench.STOP_RESERVE_S + 10.0)
+    assert 0.0 < serve_bench.within_limit(soon, 900.0) <= 10.0 and not serve_bench.room_for_a_backend(soon)
 
 
 def test_server_log_naming_another_backend_fails_the_run(tmp_path):
@@ -294,3 +310,76 @@ def test_our_backend_without_the_package_is_refused_before_any_server_starts(tmp
     installed["engine-backend"] = "0.1.0"  # installed: both backends run
     assert serve_bench.main(argv) == 0
     assert started == [other, ours]
+
+
+def test_backends_a_time_limit_leaves_no_room_for_are_not_started(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(serve_bench, "package_version", lambda python, env, dist: "1.0")
+    started = []
+
+    def run_backend(engine, work, backend, *rest):  # a backend run that takes 1.5 s
+        started.append(backend)
+        time.sleep(1.5)
+        return argparse.Namespace(status="ok")
+
+    monkeypatch.setattr(serve_bench, "run_backend", run_backend)
+    limit = serve_bench.STOP_RESERVE_S + serve_bench.MIN_BACKEND_S + 1.0  # room for one backend start, not two
+    argv = ["--engine", "vllm", "--backends", "FLASH_ATTN,CUSTOM,TRITON_ATTN", "--out", str(tmp_path),
+            "--time-limit", str(limit)]
+    assert serve_bench.main(argv) == 1  # not everything asked for ran
+    assert started == ["FLASH_ATTN"]
+    assert "run again with --backends CUSTOM,TRITON_ATTN and the same --out" in capsys.readouterr().out
+    started.clear()
+    assert serve_bench.main(argv[:-2]) == 0  # no limit: every backend runs
+    assert started == ["FLASH_ATTN", "CUSTOM", "TRITON_ATTN"]
+
+
+STAGE = Path(serve_bench.__file__).resolve().parent / "stage.sh"
+# Stand-ins for the bundle builder (it downloads the engine's wheels) and for `python -m pip wheel`: the
+# builder cuts a known 10-byte bundle into two parts in two folders, as the real one does at 60 MB.
+FAKE_BUILD_BUNDLE = """#!/usr/bin/env bash
+set -e
+engine=$1; out=$2; shift 2
+echo "$engine $*" > "$(dirname "$0")/called-with"
+rm -rf "$out"; mkdir -p "$out/p1" "$out/p2"
+printf '%s' bundle > "$out/p1/part.00"; printf '%s' -tar > "$out/p2/part.01"
+"""
+FAKE_PYTHON = """#!/usr/bin/env bash
+# only `-m pip wheel -q --no-deps ROOT -w DIR` is expected
+[[ $1 == -m && $2 == pip && $3 == wheel ]] || exit 9
+while (($#)); do [[ $1 == -w ]] && { mkdir -p "$2"; touch "$2/engine_backend-0.1.0-py3-none-any.whl"; }; shift; done
+"""
+
+
+def _stage(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    tools = tmp_path / "tools"
+    tools.mkdir(exist_ok=True)
+    for name, text in (("build-bundle.sh", FAKE_BUILD_BUNDLE), ("install-bundle.sh", "# installs\n"),
+                       ("python", FAKE_PYTHON)):
+        (tools / name).write_text(text)
+        (tools / name).chmod(0o755)
+    env = {**os.environ, "GPU_STAGE_DIR": str(tools), "PYTHON": str(tools / "python")}
+    return subprocess.run(["bash", str(STAGE), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_stage_writes_one_bundle_by_default(tmp_path):
+    out = tmp_path / "out"
+    done = _stage(tmp_path, "vllm", str(out))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["install-bundle.sh", "part.00"]
+    assert (out / "part.00").read_bytes() == b"bundle-tar"  # the builder's parts joined in order
+    called = (tmp_path / "tools" / "called-with").read_text().split()
+    assert called[0] == "vllm" and called[1].endswith("engine_backend-0.1.0-py3-none-any.whl")
+    assert called[2].endswith("e2e/models/llama3-8b-shape") and called[3].endswith("e2e/data/sharegpt_300.json")
+
+
+def test_stage_cuts_the_bundle_into_parts_of_at_most_max_part_bytes(tmp_path):
+    out = tmp_path / "out"
+    done = _stage(tmp_path, "--max-part-bytes", "4", "sglang", str(out))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["p1", "p2", "p3"]
+    parts = [next((out / f"p{i}").glob("part.*")) for i in (1, 2, 3)]
+    assert [p.name for p in parts] == ["part.00", "part.01", "part.02"]  # install-bundle.sh joins part.?? in order
+    assert [p.stat().st_size for p in parts] == [4, 4, 2]
+    assert b"".join(p.read_bytes() for p in parts) == b"bundle-tar"
+    assert all((out / f"p{i}" / "install-bundle.sh").is_file() for i in (1, 2, 3))
+    assert _stage(tmp_path, "--max-part-bytes", "0", "vllm", str(out)).returncode == 2
